@@ -1,0 +1,3 @@
+from prunecxr.cli import main
+
+main()

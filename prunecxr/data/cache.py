@@ -1,0 +1,93 @@
+"""Decode-once image cache: every image of a split, resized to S x S grey uint8, in one memory-mapped
+.npy file. Training epochs and every sparsity of a sweep read from it instead of decoding again."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from prunecxr import PrunecxrError
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("PRUNECXR_CACHE", Path.home() / ".cache" / "prunecxr"))
+
+
+def decode_image(path: Path, image_size: int) -> np.ndarray:
+    """PNG/JPEG, grey or RGB (8 or 16 bit) -> (S, S) uint8 grey."""
+    try:
+        with Image.open(path) as image:
+            image = _to_grey8(image)
+            resized = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            return np.asarray(resized, dtype=np.uint8)
+    except FileNotFoundError:
+        raise PrunecxrError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise PrunecxrError(f"cannot decode image {path}: {error}") from None
+
+
+def _to_grey8(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        return Image.fromarray((array / max(array.max(), 1.0) * 255).astype(np.uint8))
+    return image.convert("L")
+
+
+def cache_key(label_file: Path, image_paths: list[Path], image_size: int) -> str:
+    """Content key: the label file's bytes, every image's path, size and mtime, and the size.
+    Stat-ing (not reading) the images keeps the check cheap on 100k-image datasets."""
+    digest = hashlib.sha256(Path(label_file).read_bytes())
+    digest.update(f"size={image_size}".encode())
+    for path in image_paths:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise PrunecxrError(f"image not found: {path} (listed in {label_file})") from None
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def load_images(
+    label_file: Path,
+    image_paths: list[Path],
+    image_size: int,
+    *,
+    cache_dir: Path = DEFAULT_CACHE_DIR,
+    num_workers: int = 0,
+) -> np.ndarray:
+    """(N, S, S) uint8 memory-mapped view of the images, decoding them only on a cache miss."""
+    key = cache_key(label_file, image_paths, image_size)
+    path = Path(cache_dir) / f"{Path(label_file).stem}-{image_size}px-{key}.npy"
+    if not path.exists():
+        _build_cache(path, image_paths, image_size, num_workers)
+    return np.load(path, mmap_mode="r")
+
+
+def _build_cache(path: Path, image_paths: list[Path], image_size: int, num_workers: int) -> None:
+    """Decode into a temporary file and rename it, so an interrupted build never leaves a
+    truncated cache behind that a later run would trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".partial-{os.getpid()}.npy")
+    shape = (len(image_paths), image_size, image_size)
+    array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+    progress = dict(total=len(image_paths), desc=f"caching {path.name}", unit="img")
+    try:
+        if num_workers > 0:
+            with ProcessPoolExecutor(num_workers) as pool:
+                decoded = pool.map(
+                    decode_image, image_paths, [image_size] * len(image_paths), chunksize=64
+                )
+                for index, image in enumerate(tqdm(decoded, **progress)):
+                    array[index] = image
+        else:
+            for index, image_path in enumerate(tqdm(image_paths, **progress)):
+                array[index] = decode_image(image_path, image_size)
+        array.flush()
+        del array
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)

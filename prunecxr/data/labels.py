@@ -1,0 +1,56 @@
+"""Reading the original study's label CSVs: one row per image, an image column and 0/1 class columns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from prunecxr import PrunecxrError
+from prunecxr.data.schemas import DatasetSchema
+
+
+@dataclass(frozen=True)
+class LabelTable:
+    """image_ids: file names/paths relative to the data dir; labels: (N, C) float32 0/1."""
+
+    path: Path
+    image_ids: tuple[str, ...]
+    labels: np.ndarray
+
+
+def read_labels(schema: DatasetSchema, label_dir: Path, split: str) -> LabelTable:
+    """Read `miccai2023_<dataset>_labels_<split>.csv`, selecting the class columns by name so
+    extra columns (subj_id, subject_id, study_id, ...) and column order do not matter."""
+    path = Path(label_dir) / schema.label_file(split)
+    if not path.is_file():
+        raise PrunecxrError(f"label file not found: {path}")
+    frame = pd.read_csv(path)
+    wanted = [schema.image_column, *schema.classes]
+    missing = [column for column in wanted if column not in frame.columns]
+    if missing:
+        raise PrunecxrError(f"{path}: missing column(s) {', '.join(map(repr, missing))}")
+    if frame.empty:
+        raise PrunecxrError(f"{path}: no rows")
+    labels = frame[list(schema.classes)]
+    _check_binary(path, labels)
+    labels = labels.apply(pd.to_numeric)
+    image_ids = frame[schema.image_column]
+    if image_ids.isna().any():
+        row = int(np.flatnonzero(image_ids.isna().to_numpy())[0])
+        raise PrunecxrError(f"{path}: row {row + 2}: empty {schema.image_column!r}")
+    return LabelTable(path, tuple(image_ids.astype(str)), labels.to_numpy(dtype=np.float32))
+
+
+def _check_binary(path: Path, labels: pd.DataFrame) -> None:
+    """Reject anything but 0/1 with the first offending line (header = line 1)."""
+    numeric = labels.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isin(numeric, [0.0, 1.0])
+    if bad.any():
+        row, col = map(int, np.argwhere(bad)[0])
+        raise PrunecxrError(
+            f"{path}: line {row + 2}, column {labels.columns[col]!r}: "
+            f"label {labels.iat[row, col]!r} is not 0 or 1"
+        )

@@ -1,0 +1,265 @@
+"""Synthetic NIH-CXR-LT / MIMIC-CXR-LT look-alikes, written in the real datasets' file formats.
+
+1. Labels: class prevalences follow the real training set's long tail (class_frequencies.csv,
+   read from the authors' poster); "No Finding" excludes every other label; findings co-occur
+   through shared latent factors (Gaussian copula), e.g. Emphysema with Subcutaneous Emphysema.
+2. Images: a noisy chest-like background; each finding adds its own visual sign (shape, place,
+   polarity) whose contrast, and so difficulty, varies by class and per image. Rare classes have
+   few examples, so a CNN learns head classes well and tail classes poorly, as on real data.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from scipy.stats import norm
+from tqdm import tqdm
+
+from prunecxr import PrunecxrError
+from prunecxr.data.schemas import SPLITS, DatasetSchema
+
+MARKER_FILE = "prunecxr-synthetic.json"
+NO_FINDING = "No Finding"
+# Approximate real training-set sizes: only the class ratios come from the frequency file, these
+# turn counts into prevalences (NIH: No Finding ~57 %, MIMIC: Support Devices ~37 %).
+REAL_TRAIN_SIZE = {"nih-cxr-lt": 78_000, "mimic-cxr-lt": 200_000}
+# Pairs of findings that co-occur clinically; pairs naming a class a dataset lacks are skipped.
+COOCCURRING = (
+    ("Emphysema", "Subcutaneous Emphysema"),
+    ("Pneumothorax", "Subcutaneous Emphysema"),
+    ("Pneumomediastinum", "Subcutaneous Emphysema"),
+    ("Effusion", "Atelectasis"),
+    ("Pleural Effusion", "Atelectasis"),
+    ("Infiltration", "Effusion"),
+    ("Mass", "Nodule"),
+    ("Edema", "Cardiomegaly"),
+    ("Consolidation", "Pneumonia"),
+    ("Lung Opacity", "Pneumonia"),
+    ("Tortuous Aorta", "Calcification of the Aorta"),
+    ("Pleural Effusion", "Edema"),
+    ("Enlarged Cardiomediastinum", "Cardiomegaly"),
+    ("Pneumothorax", "Pneumomediastinum"),
+)
+SHAPES = ("disc", "ring", "square", "cross", "hbar", "vbar")
+MIN_POSITIVES = {"train": 5, "val": 3, "test": 5}  # so every class has a defined AUC/AP
+NOISE_STD = 0.10
+MAX_DISTRACTORS = 3  # finding-like blobs of no class, so that "any blob" is not a shortcut
+
+
+@dataclass(frozen=True)
+class Sign:
+    """The visual sign of one finding, in unit image coordinates."""
+
+    shape: str
+    x: float
+    y: float
+    radius: float
+    contrast: float  # signed: bright or dark sign
+
+
+def train_prevalence(schema: DatasetSchema) -> np.ndarray:
+    """(C,) prevalence of each class in the real training set, in the schema's class order."""
+    with resources.files("prunecxr.data").joinpath("class_frequencies.csv").open() as file:
+        table = pd.read_csv(file)
+    counts = table[table.dataset == schema.name].set_index("class")["train_count"]
+    return counts.loc[list(schema.classes)].to_numpy(float) / REAL_TRAIN_SIZE[schema.name]
+
+
+def create_signs(schema: DatasetSchema, rng: np.random.Generator) -> dict[str, Sign]:
+    """One sign per finding. The rarer half of the classes get look-alikes of a common class's
+    sign (same shape and polarity, a little apart, another size), as rare findings often
+    resemble common ones: telling them apart takes examples, which the tail lacks."""
+    findings = [name for name in schema.classes if name != NO_FINDING]
+    by_frequency = np.argsort(
+        -train_prevalence(schema)[[schema.classes.index(f) for f in findings]]
+    )
+    signs: dict[str, Sign] = {}
+    for rank, index in enumerate(by_frequency):
+        contrast = float(rng.choice([-1, 1]) * rng.uniform(0.08, 0.20))
+        sign = Sign(
+            SHAPES[rank % len(SHAPES)],
+            float(rng.uniform(0.2, 0.8)),
+            float(rng.uniform(0.2, 0.8)),
+            float(rng.uniform(0.07, 0.12)),
+            contrast,
+        )
+        if rank >= len(findings) // 2:
+            common = signs[findings[by_frequency[rank % (len(findings) // 4)]]]
+            sign = Sign(
+                common.shape,
+                float(np.clip(common.x + rng.choice([-0.1, 0.1]), 0.15, 0.85)),
+                float(np.clip(common.y + rng.uniform(-0.1, 0.1), 0.15, 0.85)),
+                common.radius * float(rng.choice([0.7, 1.4])),
+                common.contrast,
+            )
+        signs[findings[index]] = sign
+    return signs
+
+
+def sample_labels(schema: DatasetSchema, n: int, min_positives: int, rng: np.random.Generator):
+    """(n, C) 0/1 labels with the real prevalences, co-occurrence and an exclusive No Finding."""
+    prevalence = train_prevalence(schema)
+    classes = list(schema.classes)
+    nf = classes.index(NO_FINDING)
+    abnormal = rng.random(n) >= prevalence[nf]
+    # 1. Latent scores: own noise + one factor per co-occurring pair + a shared "how sick" factor.
+    pairs = [
+        (classes.index(a), classes.index(b))
+        for a, b in COOCCURRING
+        if a in classes and b in classes
+    ]
+    latent = rng.standard_normal((n, len(classes))) + 0.6 * rng.standard_normal((n, 1))
+    for a, b in pairs:
+        shared = rng.standard_normal(n)
+        latent[:, a] += shared
+        latent[:, b] += shared
+    latent /= latent.std(axis=0, keepdims=True)
+    # 2. Thresholds give each finding its prevalence among abnormal images.
+    conditional = np.clip(prevalence / (1 - prevalence[nf]), 1e-6, 0.9)
+    labels = (latent > norm.ppf(1 - conditional)) & abnormal[:, None]
+    labels[:, nf] = False
+    # 3. An abnormal image with no finding gets its most likely one.
+    empty = abnormal & ~labels.any(axis=1)
+    margin = latent - norm.ppf(1 - conditional)
+    margin[:, nf] = -np.inf
+    labels[np.flatnonzero(empty), margin[empty].argmax(axis=1)] = True
+    labels[:, nf] = ~abnormal
+    _ensure_min_positives(labels, nf, min_positives, rng)
+    return labels.astype(np.int64)
+
+
+def _ensure_min_positives(labels: np.ndarray, nf: int, minimum: int, rng) -> None:
+    """Tail classes can round to zero positives in small splits: add positives to abnormal rows."""
+    for c in range(labels.shape[1]):
+        short = minimum - int(labels[:, c].sum())
+        if c == nf or short <= 0:
+            continue
+        candidates = np.flatnonzero(~labels[:, c] & ~labels[:, nf])
+        labels[rng.choice(candidates, size=min(short, len(candidates)), replace=False), c] = True
+    labels[:, nf] = ~np.delete(labels, nf, axis=1).any(axis=1)
+
+
+def render_image(findings: list[Sign], size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size) uint8: chest-like background, per-image jittered signs, noise."""
+    v, u = np.mgrid[0:size, 0:size] / size
+    lungs = ((u - 0.32) / 0.17) ** 2 + ((v - 0.5) / 0.32) ** 2 < 1
+    lungs |= ((u - 0.68) / 0.17) ** 2 + ((v - 0.5) / 0.32) ** 2 < 1
+    image = 0.55 - 0.25 * lungs + 0.1 * np.exp(-(((u - 0.5) / 0.05) ** 2))
+    image = image + 0.06 * _low_frequency(size, rng)
+    for sign in [*findings, *_distractors(rng)]:
+        x, y = sign.x + rng.normal(0, 0.04), sign.y + rng.normal(0, 0.04)
+        image = image + sign.contrast * rng.uniform(0.4, 1.2) * _mask(sign, u - x, v - y)
+    image = image * rng.uniform(0.85, 1.15) + rng.normal(0, NOISE_STD, image.shape)
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+def _distractors(rng: np.random.Generator) -> list[Sign]:
+    return [
+        Sign(
+            shape=str(rng.choice(SHAPES)),
+            x=float(rng.uniform(0.15, 0.85)),
+            y=float(rng.uniform(0.15, 0.85)),
+            radius=float(rng.uniform(0.05, 0.12)),
+            contrast=float(rng.choice([-1, 1]) * rng.uniform(0.06, 0.2)),
+        )
+        for _ in range(rng.integers(0, MAX_DISTRACTORS + 1))
+    ]
+
+
+def _low_frequency(size: int, rng: np.random.Generator) -> np.ndarray:
+    coarse = Image.fromarray(rng.standard_normal((4, 4)).astype(np.float32), mode="F")
+    return np.asarray(coarse.resize((size, size), Image.Resampling.BILINEAR))
+
+
+def _mask(sign: Sign, du: np.ndarray, dv: np.ndarray) -> np.ndarray:
+    r, distance = sign.radius, np.hypot(du, dv)
+    masks = {
+        "disc": distance < r,
+        "ring": np.abs(distance - r) < 0.3 * r,
+        "square": np.maximum(np.abs(du), np.abs(dv)) < 0.8 * r,
+        "cross": ((np.abs(du) < 0.3 * r) & (np.abs(dv) < r))
+        | ((np.abs(dv) < 0.3 * r) & (np.abs(du) < r)),
+        "hbar": (np.abs(dv) < 0.3 * r) & (np.abs(du) < 1.5 * r),
+        "vbar": (np.abs(du) < 0.3 * r) & (np.abs(dv) < 1.5 * r),
+    }
+    return masks[sign.shape].astype(np.float64)
+
+
+def write_synthetic(
+    schema: DatasetSchema,
+    out_dir: Path,
+    split_sizes: dict[str, int],
+    *,
+    image_size: int = 256,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict:
+    """Write label CSVs and images for each split into `out_dir`; returns the marker's summary."""
+    out_dir = Path(out_dir)
+    existing = [
+        out_dir / schema.label_file(s) for s in SPLITS if (out_dir / schema.label_file(s)).exists()
+    ]
+    if existing and not overwrite:
+        raise PrunecxrError(f"{existing[0]} already exists; pass --overwrite to replace it")
+    rng = np.random.default_rng(seed)
+    signs = create_signs(schema, rng)
+    summary = {"dataset": schema.name, "seed": seed, "image_size": image_size, "splits": {}}
+    first_subject = 0
+    for split in SPLITS:
+        labels = sample_labels(schema, split_sizes[split], MIN_POSITIVES[split], rng)
+        frame = _label_frame(schema, labels, first_subject)
+        first_subject += len(frame)
+        _write_images(schema, out_dir, frame, labels, signs, image_size, rng)
+        frame.to_csv(out_dir / schema.label_file(split), index=False)
+        summary["splits"][split] = dict(zip(schema.classes, map(int, labels.sum(axis=0))))
+    (out_dir / MARKER_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _label_frame(schema: DatasetSchema, labels: np.ndarray, first_subject: int) -> pd.DataFrame:
+    subjects = np.arange(first_subject, first_subject + len(labels))
+    if schema.image_column == "id":  # NIH: <patient>_<follow-up>.png in the data dir
+        ids = {"id": [f"{s:08d}_000.png" for s in subjects], "subj_id": subjects}
+    else:  # MIMIC: files/p1X/p1XXXXXXX/sYYYYYYYY/<dicom_id>.jpg
+        subject_ids = 10_000_000 + subjects
+        study_ids = 50_000_000 + subjects
+        dicom_ids = [f"{s:08x}-synthetic" for s in subjects]
+        paths = [
+            f"files/p{s // 1_000_000}/p{s}/s{t}/{d}.jpg"
+            for s, t, d in zip(subject_ids, study_ids, dicom_ids)
+        ]
+        ids = {
+            "dicom_id": dicom_ids,
+            "subject_id": subject_ids,
+            "study_id": study_ids,
+            "path": paths,
+        }
+    return pd.concat(
+        [pd.DataFrame(ids), pd.DataFrame(labels, columns=list(schema.classes))], axis=1
+    )
+
+
+def _write_images(schema, out_dir, frame, labels, signs, image_size, rng) -> None:
+    names = list(schema.classes)
+    for image_id, row in tqdm(
+        zip(frame[schema.image_column], labels),
+        total=len(frame),
+        desc=f"writing {schema.name} images",
+        unit="img",
+    ):
+        findings = [signs[names[c]] for c in np.flatnonzero(row) if names[c] != NO_FINDING]
+        path = out_dir / image_id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(render_image(findings, image_size, rng)).save(path)
+
+
+def read_marker(data_dir: Path) -> dict | None:
+    """The synthetic generator's summary if `data_dir` holds synthetic data, else None."""
+    marker = Path(data_dir) / MARKER_FILE
+    return json.loads(marker.read_text()) if marker.exists() else None

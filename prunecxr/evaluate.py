@@ -1,0 +1,98 @@
+"""Batched inference over cached uint8 images and the paper's per-class metrics (AUC, AP, F1)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+from torch import nn
+from tqdm import tqdm
+
+from prunecxr.data.schemas import class_slug
+from prunecxr.data.transforms import normalize
+
+F1_THRESHOLD = 0.5
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (2x throughput on Ampere/Hopper); plain fp32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    images: np.ndarray,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+    progress: str | None = None,
+) -> np.ndarray:
+    """images: (N, S, S) uint8 -> (N, C) float32 logits. The model is put in eval mode."""
+    model.eval()
+    outputs = []
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False):
+        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+        batch = normalize(batch.unsqueeze(1).to(device, non_blocking=True))
+        if device.type == "cuda":
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            outputs.append(model(batch).float().cpu())
+    return torch.cat(outputs).numpy()
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+def per_class_metrics(
+    probs: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]
+) -> pd.DataFrame:
+    """probs, labels: (N, C) -> one row per class: class, slug, n_pos, auc, ap, f1 (F1 at 0.5).
+    AUC and AP are NaN for a class with no positives or no negatives in `labels`."""
+    rows = []
+    for c, name in enumerate(classes):
+        y, p = labels[:, c], probs[:, c]
+        defined = 0 < y.sum() < len(y)
+        rows.append(
+            {
+                "class": name,
+                "slug": class_slug(name),
+                "n_pos": int(y.sum()),
+                "auc": roc_auc_score(y, p) if defined else np.nan,
+                "ap": average_precision_score(y, p) if defined else np.nan,
+                "f1": f1_score(y, p >= F1_THRESHOLD, zero_division=0.0),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def summarize(metrics: pd.DataFrame, prefix: str) -> dict[str, float]:
+    """Means over classes (mAUC, mAP, mF1) plus per-class values, named as in the design:
+    `<prefix>_mAUC`, `<prefix>_auc_<slug>`, ..."""
+    summary = {
+        f"{prefix}_mAUC": float(metrics.auc.mean()),
+        f"{prefix}_mAP": float(metrics.ap.mean()),
+        f"{prefix}_mF1": float(metrics.f1.mean()),
+    }
+    for row in metrics.itertuples():
+        for metric in ("auc", "ap", "f1"):
+            summary[f"{prefix}_{metric}_{row.slug}"] = float(getattr(row, metric))
+    return summary
+
+
+def predictions_frame(
+    image_ids: tuple[str, ...], probs: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]
+) -> pd.DataFrame:
+    """One row per image: `image`, one probability column per class (class name), and the true
+    labels as `label_<slug>` columns."""
+    frame = pd.DataFrame(probs, columns=list(classes))
+    frame.insert(0, "image", list(image_ids))
+    true = pd.DataFrame(labels.astype(np.int8), columns=[f"label_{class_slug(c)}" for c in classes])
+    return pd.concat([frame, true], axis=1)

@@ -1,0 +1,129 @@
+"""The only module that talks to MLflow: run structure, names of params/metrics/artifacts, models.
+
+Tracking URI: MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db in the working
+directory). Inside `mlflow run`, MLFLOW_RUN_ID is set and the first top-level run resumes it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import pandas as pd
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from prunecxr import PrunecxrError
+
+STAGE_TAG = "prunecxr.stage"
+STAGES = ("study", "train", "sweep", "prune", "analyze")
+
+
+def use_experiment(name: str) -> None:
+    """Select the experiment, unless `mlflow run` already chose one for the run it created."""
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(name)
+
+
+@contextlib.contextmanager
+def start_run(
+    stage: str, *, run_name: str | None = None, run_id: str | None = None
+) -> Iterator[str]:
+    """A run tagged with its stage; nested under the active run if there is one. `run_id`
+    continues an existing run (resume). Yields the run id."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested) as run:
+        mlflow.set_tag(STAGE_TAG, stage)
+        yield run.info.run_id
+
+
+def log_params(params: dict) -> None:
+    mlflow.log_params({key: str(value) for key, value in params.items()})
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    mlflow.log_metrics(metrics, step=step)
+
+
+def log_table(frame: pd.DataFrame, artifact_file: str) -> None:
+    """Write `frame` as CSV or Parquet (by extension) under the run's artifacts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        if path.suffix == ".parquet":
+            frame.to_parquet(path, index=False)
+        else:
+            frame.to_csv(path, index=False)
+        mlflow.log_artifact(str(path), _artifact_dir(artifact_file))
+
+
+def log_file(path: Path, artifact_file: str) -> None:
+    """Log a local file under the name `artifact_file` (replacing an earlier one)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / Path(artifact_file).name
+        os.link(path, target) if _same_device(path, tmp) else target.write_bytes(path.read_bytes())
+        mlflow.log_artifact(str(target), _artifact_dir(artifact_file))
+
+
+def _same_device(path: Path, directory: str) -> bool:
+    return os.stat(path).st_dev == os.stat(directory).st_dev
+
+
+def _artifact_dir(artifact_file: str) -> str | None:
+    parent = str(Path(artifact_file).parent)
+    return None if parent == "." else parent
+
+
+def log_model(model: nn.Module, input_example: np.ndarray) -> None:
+    """Log `model` as the run's `model` artifact (pickle format keeps pruned shapes)."""
+    import torch
+
+    model.eval()
+    with torch.inference_mode():
+        output = model(torch.from_numpy(input_example)).numpy()
+    mlflow.pytorch.log_model(
+        model,
+        name="model",
+        signature=infer_signature(input_example, output),
+        input_example=input_example,
+        serialization_format="pickle",
+    )
+
+
+def load_model(model_uri: str) -> nn.Module:
+    try:
+        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    except Exception as error:
+        raise PrunecxrError(f"cannot load model {model_uri!r}: {error}") from None
+
+
+def download_artifact(run_id: str, artifact_path: str, dst_dir: Path) -> Path:
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, dst_path=str(dst_dir)
+        )
+    except Exception as error:
+        raise PrunecxrError(
+            f"run {run_id}: cannot fetch artifact {artifact_path!r}: {error}"
+        ) from None
+    return Path(local)
+
+
+def get_run(run_id: str):
+    try:
+        return MlflowClient().get_run(run_id)
+    except Exception:
+        raise PrunecxrError(
+            f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}"
+        ) from None
+
+
+def run_stage(run) -> str | None:
+    return run.data.tags.get(STAGE_TAG)

@@ -1,0 +1,124 @@
+"""Shared fixtures: tiny synthetic datasets, an isolated MLflow store, a real MLflow server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from prunecxr.data import get_schema
+from prunecxr.data.synthetic import write_synthetic
+
+TINY_SPLITS = {"train": 96, "val": 48, "test": 64}
+
+
+@pytest.fixture(scope="session")
+def tiny_nih(tmp_path_factory) -> Path:
+    """A 32 px synthetic NIH-CXR-LT with ~200 images (seconds to train a ResNet18 on)."""
+    out = tmp_path_factory.mktemp("tiny-nih")
+    write_synthetic(get_schema("nih-cxr-lt"), out, TINY_SPLITS, image_size=32, seed=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_mimic(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-mimic")
+    write_synthetic(get_schema("mimic-cxr-lt"), out, TINY_SPLITS, image_size=32, seed=2)
+    return out
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """An embedded sqlite store of this test's own (what users get with no server)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # file-based artifacts land under the test's directory
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real `mlflow server` on 127.0.0.1 with server-served artifacts; stopped afterwards."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{root / 'server.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--workers",
+        "1",
+    ]
+    log = open(root / "server.log", "w")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(f"{url}/health", server, root / "server.log")
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def _wait_for(url: str, server: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"mlflow server did not answer in {timeout} s: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture
+def server_store(mlflow_server, tmp_path, monkeypatch) -> str:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(mlflow_server)
+    yield mlflow_server
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for a `prunecxr` subprocess: this interpreter's, plus `extra`."""
+    return {**os.environ, **extra}

@@ -1,0 +1,80 @@
+"""The synthetic generator: real file formats, long-tailed co-occurring labels, determinism."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import spearmanr
+
+from prunecxr import PrunecxrError
+from prunecxr.data import get_schema
+from prunecxr.data.labels import read_labels
+from prunecxr.data.synthetic import sample_labels, train_prevalence, write_synthetic
+
+NIH = get_schema("nih-cxr-lt")
+MIMIC = get_schema("mimic-cxr-lt")
+
+
+def _digest(directory) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(directory).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_nih_files_match_the_real_format(tiny_nih):
+    frame = pd.read_csv(tiny_nih / "miccai2023_nih-cxr-lt_labels_train.csv")
+    assert list(frame.columns) == ["id", "subj_id", *NIH.classes]
+    assert frame["id"].str.fullmatch(r"\d{8}_\d{3}\.png").all()
+    assert all((tiny_nih / image_id).is_file() for image_id in frame["id"])
+
+
+def test_mimic_files_match_the_real_format(tiny_mimic):
+    frame = pd.read_csv(tiny_mimic / "miccai2023_mimic-cxr-lt_labels_test.csv")
+    assert {"dicom_id", "subject_id", "study_id", "path"} <= set(frame.columns)
+    assert frame["path"].str.fullmatch(r"files/p1\d/p1\d{7}/s5\d{7}/[\w-]+\.jpg").all()
+    assert all((tiny_mimic / path).is_file() for path in frame["path"])
+    assert read_labels(MIMIC, tiny_mimic, "test").labels.shape == (64, 19)
+
+
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
+    sizes = {"train": 20, "val": 10, "test": 10}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        write_synthetic(NIH, tmp_path / name, sizes, image_size=16, seed=seed)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+@pytest.mark.parametrize("schema", [NIH, MIMIC], ids=lambda s: s.name)
+def test_labels_follow_the_real_long_tail(schema):
+    labels = sample_labels(schema, 40_000, 5, np.random.default_rng(0))
+    counts = labels.sum(axis=0)
+    rho, _ = spearmanr(counts, train_prevalence(schema))
+    assert rho > 0.95
+    nf = schema.classes.index("No Finding")
+    assert (labels[labels[:, nf] == 1].sum(axis=1) == 1).all()  # No Finding excludes the rest
+    assert (labels.sum(axis=1) >= 1).all()
+    assert labels[:, nf].mean() == pytest.approx(train_prevalence(schema)[nf], abs=0.02)
+
+
+def test_findings_co_occur():
+    labels = sample_labels(NIH, 40_000, 5, np.random.default_rng(0))
+    emphysema = labels[:, NIH.classes.index("Emphysema")] == 1
+    subcutaneous = labels[:, NIH.classes.index("Subcutaneous Emphysema")] == 1
+    assert subcutaneous[emphysema].mean() > 3 * subcutaneous.mean()
+
+
+def test_every_class_has_positives_in_small_splits():
+    labels = sample_labels(NIH, 200, 5, np.random.default_rng(0))
+    assert (labels.sum(axis=0) >= 5).all()
+
+
+def test_refuses_to_overwrite_without_flag(tmp_path):
+    sizes = {"train": 10, "val": 10, "test": 10}
+    write_synthetic(NIH, tmp_path, sizes, image_size=16)
+    with pytest.raises(PrunecxrError, match="already exists; pass --overwrite"):
+        write_synthetic(NIH, tmp_path, sizes, image_size=16)
+    write_synthetic(NIH, tmp_path, sizes, image_size=16, seed=5, overwrite=True)
