@@ -1,31 +1,29 @@
-"""Thin launcher used by MLproject and the container: `python entrypoints/run.py COMMAND --opt VALUE ...`.
+"""Thin launcher used by MLproject and the container: `python entrypoints/run.py COMMAND ...`.
 
-MLproject parameters cannot be left unset, so an option whose value is the empty string is
-dropped here and the CLI's own default applies."""
+`mlflow run -P name=value` appends undeclared parameters as `--name value`: snake_case option
+names become the CLI's kebab-case ones, and an option given an empty value is dropped so the
+CLI's own default applies."""
 
 import sys
 
 from prunecxr.cli import main
 
 
-def drop_empty_options(argv: list[str]) -> list[str]:
-    kept: list[str] = []
+def to_cli_arguments(argv: list[str]) -> list[str]:
+    arguments: list[str] = []
     index = 0
     while index < len(argv):
         token = argv[index]
-        if token.startswith("--") and "=" not in token and index + 1 < len(argv):
-            value = argv[index + 1]
-            if value == "":
+        if token.startswith("--"):
+            token = token.replace("_", "-")
+            has_value = index + 1 < len(argv) and not argv[index + 1].startswith("--")
+            if has_value and argv[index + 1] == "":
                 index += 2
                 continue
-            if not value.startswith("--"):
-                kept += [token, value]
-                index += 2
-                continue
-        kept.append(token)
+        arguments.append(token)
         index += 1
-    return kept
+    return arguments
 
 
 if __name__ == "__main__":
-    main(drop_empty_options(sys.argv[1:]))
+    main(to_cli_arguments(sys.argv[1:]))

@@ -217,6 +217,9 @@ analyze = _not_yet_available("analyze", "the analysis issue #4")
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 1."""
+    from prunecxr import tracking
+
+    tracking.quiet_logs()
     try:
         cli.main(args=argv, prog_name="prunecxr", standalone_mode=False)
     except click.exceptions.Exit as done:

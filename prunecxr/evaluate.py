@@ -7,6 +7,7 @@ import contextlib
 import numpy as np
 import pandas as pd
 import torch
+from scipy.special import expit
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 from torch import nn
 from tqdm import tqdm
@@ -38,7 +39,7 @@ def predict_logits(
     outputs = []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+        batch = torch.from_numpy(np.array(images[start : start + batch_size]))
         batch = normalize(batch.unsqueeze(1).to(device, non_blocking=True))
         if device.type == "cuda":
             batch = batch.contiguous(memory_format=torch.channels_last)
@@ -48,7 +49,7 @@ def predict_logits(
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-logits))
+    return expit(logits)
 
 
 def per_class_metrics(

@@ -6,6 +6,7 @@ directory). Inside `mlflow run`, MLFLOW_RUN_ID is set and the first top-level ru
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +24,15 @@ from prunecxr import PrunecxrError
 
 STAGE_TAG = "prunecxr.stage"
 STAGES = ("study", "train", "sweep", "prune", "analyze")
+
+
+def quiet_logs() -> None:
+    """Keep MLflow's store-migration INFO lines and its pickle warning (pickle is chosen on
+    purpose: it keeps structurally pruned shapes) out of the CLI's output."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.pytorch").addFilter(
+        lambda record: "Pickle or CloudPickle" not in record.getMessage()
+    )
 
 
 def use_experiment(name: str) -> None:
@@ -46,7 +56,22 @@ def start_run(
 
 
 def log_params(params: dict) -> None:
-    mlflow.log_params({key: str(value) for key, value in params.items()})
+    """Log params, skipping those `mlflow run` already logged from MLproject with the same value
+    written another way ("1e-3" vs "0.001"); MLflow refuses to change a logged param."""
+    logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    fresh = {
+        key: str(value)
+        for key, value in params.items()
+        if key not in logged or not _same_value(logged[key], str(value))
+    }
+    mlflow.log_params(fresh)
+
+
+def _same_value(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a == b
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

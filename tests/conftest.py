@@ -96,11 +96,13 @@ def mlflow_server(tmp_path_factory) -> str:
 
 def _wait_for(url: str, server: subprocess.Popen, log: Path, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
+    # No proxies: urllib's global opener may have cached a proxy an earlier test set.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"mlflow server exited: {log.read_text()[-2000:]}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            with opener.open(url, timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:

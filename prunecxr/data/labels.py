@@ -41,7 +41,9 @@ def read_labels(schema: DatasetSchema, label_dir: Path, split: str) -> LabelTabl
     if image_ids.isna().any():
         row = int(np.flatnonzero(image_ids.isna().to_numpy())[0])
         raise PrunecxrError(f"{path}: row {row + 2}: empty {schema.image_column!r}")
-    return LabelTable(path, tuple(image_ids.astype(str)), labels.to_numpy(dtype=np.float32))
+    return LabelTable(
+        path, tuple(image_ids.astype(str)), np.array(labels.to_numpy(dtype=np.float32))
+    )
 
 
 def _check_binary(path: Path, labels: pd.DataFrame) -> None:

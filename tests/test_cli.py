@@ -1,0 +1,155 @@
+"""The `prunecxr` command line, the MLproject entry points and the demo study, end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import cli_env
+
+PROJECT_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def prunecxr(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "prunecxr", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(**env),
+        timeout=900,
+    )
+
+
+def test_help_lists_every_command():
+    result = prunecxr("--help")
+    assert result.returncode == 0
+    for command in ("synth", "train", "prune", "sweep", "analyze", "study"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", ["prune", "sweep", "analyze"])
+def test_stages_not_landed_yet_exit_2_with_a_message(command):
+    result = prunecxr(command, "--sparsity", "0.9")
+    assert result.returncode == 2
+    assert "not yet available" in result.stderr
+
+
+def test_bad_input_is_one_line_naming_the_file(tmp_path, mlflow_store):
+    result = prunecxr("train", "--data-dir", str(tmp_path), "--pretrained", "none")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: label file not found: {tmp_path / 'miccai2023_nih-cxr-lt_labels_train.csv'}"
+    ]
+
+
+def test_synth_then_train_from_the_command_line(tmp_path, mlflow_store):
+    data = tmp_path / "data"
+    result = prunecxr(
+        "synth",
+        "--dataset",
+        "mimic-cxr-lt",
+        "--out",
+        str(data),
+        "--n-train",
+        "40",
+        "--n-val",
+        "20",
+        "--n-test",
+        "20",
+        "--size",
+        "32",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "prunecxr train --dataset mimic-cxr-lt" in result.stdout
+    again = prunecxr("synth", "--dataset", "mimic-cxr-lt", "--out", str(data))
+    assert again.returncode == 1 and "--overwrite" in again.stderr
+    result = prunecxr(
+        "train",
+        "--dataset",
+        "mimic-cxr-lt",
+        "--data-dir",
+        str(data),
+        "--arch",
+        "resnet18",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "16",
+        "--max-epochs",
+        "1",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--experiment",
+        "cli",
+    )
+    assert result.returncode == 0, result.stderr
+    run_id = result.stdout.split("train run ")[1].split(":")[0]
+    run = MlflowClient().get_run(run_id)
+    assert run.data.params["pretrained"] == "none"  # synthetic data: no ImageNet download
+    assert mlflow.get_experiment(run.info.experiment_id).name == "cli"
+
+
+@pytest.mark.slow
+def test_demo_study_nests_one_train_run_per_seed(tmp_path, mlflow_store):
+    result = prunecxr(
+        "study",
+        "--demo-dir",
+        str(tmp_path / "demo"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--seeds",
+        "2",
+        "--max-epochs",
+        "1",
+    )
+    assert result.returncode == 0, result.stderr
+    runs = mlflow.search_runs(experiment_names=["prunecxr"])
+    study = runs[runs["tags.prunecxr.stage"] == "study"]
+    trains = runs[runs["tags.prunecxr.stage"] == "train"]
+    assert len(study) == 1 and len(trains) == 2
+    assert set(trains["tags.mlflow.parentRunId"]) == {study.run_id.iloc[0]}
+    assert set(trains["params.seed"]) == {"0", "1"}
+    assert set(trains["params.arch"]) == {"resnet18"}  # the demo's model
+    assert (trains["metrics.test_mAUC"] > 0.5).all()
+
+
+@pytest.mark.slow
+def test_mlflow_run_train_entry_point(tiny_nih, tmp_path, mlflow_store):
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(PROJECT_ROOT),
+        "-e",
+        "train",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "mlproject",
+        "-P",
+        f"data_dir={tiny_nih}",
+        "-P",
+        "arch=resnet18",
+        "-P",
+        "image_size=32",
+        "-P",
+        "batch_size=32",
+        "-P",
+        "max_epochs=1",
+        "-P",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = mlflow.search_runs(experiment_names=["mlproject"])
+    assert len(runs) == 1  # our code continued the run `mlflow run` created, no second run
+    assert runs["tags.prunecxr.stage"].iloc[0] == "train"
+    assert runs["params.image_size"].iloc[0] == "32"
+    assert runs["params.pretrained"].iloc[0] == "none"  # resolved, passed or not
+    assert runs["params.label_dir"].iloc[0] == str(tiny_nih)
+    assert runs["metrics.test_mAUC"].iloc[0] > 0
