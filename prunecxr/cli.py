@@ -59,24 +59,28 @@ data_options = _options(
         help="Processes decoding images for the cache.",
     ),
 )
+arch_option = click.option(
+    "--arch",
+    type=click.Choice(["resnet18", "resnet34", "resnet50"]),
+    default="resnet50",
+    show_default=True,
+)
+image_size_option = click.option(
+    "--image-size", default=256, show_default=True, help="Images are resized to S x S."
+)
 model_options = _options(
-    click.option(
-        "--arch",
-        type=click.Choice(["resnet18", "resnet34", "resnet50"]),
-        default="resnet50",
-        show_default=True,
-    ),
+    arch_option,
     click.option(
         "--pretrained",
         help="imagenet | none | PATH to a weights file [default: imagenet; none for synthetic data].",
     ),
-    click.option(
-        "--image-size", default=256, show_default=True, help="Images are resized to S x S."
-    ),
+    image_size_option,
 )
+batch_size_option = click.option("--batch-size", default=256, show_default=True)
+lr_option = click.option("--lr", default=1e-4, show_default=True, help="Adam learning rate.")
 optimization_options = _options(
-    click.option("--batch-size", default=256, show_default=True),
-    click.option("--lr", default=1e-4, show_default=True, help="Adam learning rate."),
+    batch_size_option,
+    lr_option,
     click.option("--max-epochs", default=60, show_default=True),
     click.option(
         "--patience", default=15, show_default=True, help="Early stopping on validation loss."
@@ -200,6 +204,127 @@ def study(demo_dir, seeds, experiment, **settings) -> None:
     click.echo(f"study run {study_id}; see it with: mlflow ui  (then open http://127.0.0.1:5000)")
 
 
+source_options = _options(
+    data_options,
+    arch_option,
+    image_size_option,
+    click.option(
+        "--finetune-epochs",
+        default=0,
+        show_default=True,
+        help="Fine-tune after pruning (paper: 0).",
+    ),
+    lr_option,
+    batch_size_option,
+    device_option,
+    experiment_option,
+)
+
+
+@cli.command()
+@click.option(
+    "--model-uri",
+    help="runs:/<id>/model, models:/<name>/<version> or a chkpt.pt file "
+    "[default: the newest finished train run of the experiment].",
+)
+@click.option(
+    "--method", type=click.Choice(["l1", "random", "structured"]), default="l1", show_default=True
+)
+@click.option(
+    "--sparsity",
+    type=float,
+    default=0.9,
+    show_default=True,
+    help="Fraction of Conv2d/Linear weights zeroed or removed.",
+)
+@click.option("--log-model/--no-log-model", default=True, show_default=True)
+@source_options
+def prune(model_uri, method, sparsity, log_model, experiment, **settings) -> None:
+    """Prune one model once, evaluate it on the test set, log a prune run."""
+    from prunecxr import tracking
+    from prunecxr.sweep import default_model_uri, run_prune
+
+    tracking.use_experiment(experiment)
+    source = _load_source(model_uri or default_model_uri(), settings)
+    run_id = run_prune(
+        source, method, sparsity, _cell_settings(settings, log_model), _finetune(settings)
+    )
+    click.echo(
+        f"prune run {run_id}: model at runs:/{run_id}/model" if log_model else f"prune run {run_id}"
+    )
+
+
+@cli.command()
+@click.option(
+    "--model-uri",
+    "model_uris",
+    multiple=True,
+    help="Repeat or comma-separate for several models [default: the newest train run].",
+)
+@click.option("--methods", default="l1,random,structured", show_default=True)
+@click.option(
+    "--sparsities",
+    default="0:0.95:0.05",
+    show_default=True,
+    help="start:stop:step (stop included) or a comma list.",
+)
+@click.option("--log-models", is_flag=True, help="Also log every pruned model (large).")
+@source_options
+def sweep(model_uris, methods, sparsities, log_models, experiment, **settings) -> None:
+    """Every model x method x sparsity as nested prune runs under one sweep run."""
+    from prunecxr import tracking
+    from prunecxr.pruning import METHODS
+    from prunecxr.sweep import default_model_uri, parse_sparsities, run_sweep
+
+    tracking.use_experiment(experiment)
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in method_list if m not in METHODS]
+    if unknown or not method_list:
+        raise PrunecxrError(
+            f"unknown method(s) {unknown or methods!r}; valid: {', '.join(METHODS)}"
+        )
+    uris = [u for given in model_uris for u in given.split(",") if u] or [default_model_uri()]
+    sources = [_load_source(uri, settings) for uri in uris]
+    sweep_id = run_sweep(
+        sources,
+        method_list,
+        parse_sparsities(sparsities),
+        _cell_settings(settings, log_models),
+        _finetune(settings),
+    )
+    click.echo(f"sweep run {sweep_id}")
+
+
+def _load_source(uri: str, settings: dict):
+    from prunecxr.sweep import DataSettings, load_source
+
+    fallback = None
+    if settings["data_dir"] is not None:
+        fallback = DataSettings(
+            settings["dataset"],
+            str(settings["data_dir"]),
+            str(settings["label_dir"] or settings["data_dir"]),
+            settings["image_size"],
+            **_cache_override(settings["cache_dir"]),
+        )
+    cache_dir = str(settings["cache_dir"]) if settings["cache_dir"] else None
+    return load_source(uri, fallback=fallback, arch=settings["arch"], cache_dir=cache_dir)
+
+
+def _cell_settings(settings: dict, log_model: bool):
+    from prunecxr.sweep import CellSettings
+
+    return CellSettings(
+        device=settings["device"], batch_size=settings["batch_size"], log_model=log_model
+    )
+
+
+def _finetune(settings: dict):
+    from prunecxr.sweep import Finetune
+
+    return Finetune(settings["finetune_epochs"], settings["lr"], settings["batch_size"])
+
+
 def _not_yet_available(name: str, issue: str):
     @cli.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
     def command() -> None:
@@ -210,8 +335,6 @@ def _not_yet_available(name: str, issue: str):
     return command
 
 
-prune = _not_yet_available("prune", "the pruning issue #3")
-sweep = _not_yet_available("sweep", "the pruning issue #3")
 analyze = _not_yet_available("analyze", "the analysis issue #4")
 
 

@@ -97,3 +97,8 @@ def predictions_frame(
     frame.insert(0, "image", list(image_ids))
     true = pd.DataFrame(labels.astype(np.int8), columns=[f"label_{class_slug(c)}" for c in classes])
     return pd.concat([frame, true], axis=1)
+
+
+def example_input(images: np.ndarray) -> np.ndarray:
+    """(1, 3, S, S) float32: the first image as the model sees it (for MLflow's signature)."""
+    return normalize(torch.from_numpy(np.array(images[:1])).unsqueeze(1)).numpy()

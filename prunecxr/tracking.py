@@ -35,10 +35,27 @@ def quiet_logs() -> None:
     )
 
 
+_experiment_id: str | None = None  # set by use_experiment; where runs are created and searched
+
+
 def use_experiment(name: str) -> None:
     """Select the experiment, unless `mlflow run` already chose one for the run it created."""
-    if not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(name)
+    global _experiment_id
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        _experiment_id = MlflowClient().get_run(run_id).info.experiment_id
+    else:
+        _experiment_id = mlflow.set_experiment(name).experiment_id
+
+
+def experiment_name() -> str:
+    return mlflow.get_experiment(_current_experiment_id()).name
+
+
+def _current_experiment_id() -> str:
+    if _experiment_id is None:
+        raise RuntimeError("tracking.use_experiment() must be called first")
+    return _experiment_id
 
 
 @contextlib.contextmanager
@@ -152,3 +169,49 @@ def get_run(run_id: str):
 
 def run_stage(run) -> str | None:
     return run.data.tags.get(STAGE_TAG)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    mlflow.set_tags(tags)
+
+
+def model_run_id(model_uri: str) -> str | None:
+    """The run that logged the model at `model_uri` (runs:/ or models:/)."""
+    try:
+        return mlflow.models.get_model_info(model_uri).run_id
+    except Exception as error:
+        raise PrunecxrError(f"cannot find model {model_uri!r}: {error}") from None
+
+
+def newest_finished_run_id(stage: str) -> str | None:
+    runs = _search(f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'")
+    return runs[0].info.run_id if runs else None
+
+
+def find_unfinished_run_id(stage: str, tag: str, value: str) -> str | None:
+    """Newest unfinished (running, failed or killed) run of `stage` whose `tag` is `value`."""
+    runs = _search(f"tags.`{STAGE_TAG}` = '{stage}' and tags.`{tag}` = '{value}'")
+    runs = [run for run in runs if run.info.status != "FINISHED"]
+    return runs[0].info.run_id if runs else None
+
+
+def finished_child_tags(parent_run_id: str, tag: str) -> set[str]:
+    """Values of `tag` on the finished children of `parent_run_id`."""
+    query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'FINISHED'"
+    return {run.data.tags[tag] for run in _search(query) if tag in run.data.tags}
+
+
+def _search(query: str) -> list:
+    """All runs of the current experiment matching `query`, newest first (every page)."""
+    client, runs, token = MlflowClient(), [], None
+    while True:
+        page = client.search_runs(
+            [_current_experiment_id()],
+            query,
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
+        )
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs

@@ -24,6 +24,7 @@ from prunecxr.data.synthetic import read_marker
 from prunecxr.data.transforms import augment, normalize
 from prunecxr.evaluate import (
     autocast,
+    example_input,
     per_class_metrics,
     predict_logits,
     predictions_frame,
@@ -262,9 +263,22 @@ def _log_final(state: TrainState, config: TrainConfig, test: SplitData, classes,
         predictions_frame(test.image_ids, probs, test.labels, classes), "predictions.parquet"
     )
     tracking.log_table(pd.DataFrame(state.history), "history.csv")
-    example = normalize(torch.from_numpy(np.array(test.images[:1])).unsqueeze(1)).numpy()
-    tracking.log_model(state.model.float().cpu(), example)
+    tracking.log_model(state.model.float().cpu(), example_input(test.images))
 
 
 def _best_epoch(state: TrainState) -> int:
     return min(state.history, key=lambda row: row["val_loss"])["epoch"]
+
+
+def finetune_model(
+    model: nn.Module, train: SplitData, *, epochs: int, lr: float, batch_size: int, seed: int
+) -> None:
+    """A few epochs of training (Adam, BCE, same augmentation) of an already pruned model."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    state = TrainState(model, optimizer, torch.Generator().manual_seed(seed))
+    device = next(model.parameters()).device
+    for _ in range(epochs):
+        train_one_epoch(state, train, batch_size, device)
+        state.epoch += 1
+    model.eval()

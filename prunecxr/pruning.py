@@ -1,0 +1,138 @@
+"""Pruning at a given sparsity, as in the study (design §6).
+
+`sparsity` is the fraction of prunable weights (every Conv2d and Linear weight) that is zeroed
+(unstructured: global L1 or random, torch.nn.utils.prune, made permanent) or removed
+(structured: torch-pruning channel pruning; the channel ratio is searched to hit the target).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn.utils import prune
+
+from prunecxr import PrunecxrError
+
+STRUCTURED_TOLERANCE = 0.01  # |achieved - target| sparsity allowed for structured pruning
+STRUCTURED_MAX_STEPS = 24  # bisection steps on the channel ratio
+
+
+def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every Conv2d and Linear weight (the classifier's included, as in the paper)."""
+    return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def count_prunable(model: nn.Module) -> tuple[int, int]:
+    """-> (number of prunable weights, how many of them are non-zero)."""
+    weights = [getattr(module, name) for module, name in prunable_weights(model)]
+    return sum(w.numel() for w in weights), sum(int(w.count_nonzero()) for w in weights)
+
+
+def nonzero_parameters(model: nn.Module) -> int:
+    return sum(int(p.count_nonzero()) for p in model.parameters())
+
+
+@contextlib.contextmanager
+def zeros_stay_zero(model: nn.Module) -> Iterator[None]:
+    """Inside the block, prunable weights that are zero now stay zero (fine-tuning after
+    unstructured pruning); the masks are made permanent again on leaving."""
+    for module, name in prunable_weights(model):
+        prune.custom_from_mask(module, name, getattr(module, name) != 0)
+    try:
+        yield
+    finally:
+        for module, name in prunable_weights(model):
+            prune.remove(module, name)
+
+
+def prune_l1(model: nn.Module, sparsity: float, **_) -> nn.Module:
+    """Global L1 unstructured: zero the `sparsity` fraction of smallest-magnitude weights."""
+    return _prune_global(model, prune.L1Unstructured, sparsity)
+
+
+def prune_random(model: nn.Module, sparsity: float, *, seed: int = 0, **_) -> nn.Module:
+    """Global random unstructured: zero a random `sparsity` fraction of prunable weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _prune_global(model, prune.RandomUnstructured, sparsity)
+
+
+def _prune_global(model: nn.Module, method, sparsity: float) -> nn.Module:
+    parameters = prunable_weights(model)
+    if sparsity > 0:
+        prune.global_unstructured(parameters, pruning_method=method, amount=float(sparsity))
+        for module, name in parameters:
+            prune.remove(module, name)  # masks become permanent zeros
+    return model
+
+
+def prune_structured(
+    model: nn.Module, sparsity: float, *, example_inputs: torch.Tensor, **_
+) -> nn.Module:
+    """Channel pruning (group L1 magnitude) whose channel ratio is searched by bisection so the
+    removed fraction of prunable weights is within STRUCTURED_TOLERANCE of `sparsity`.
+    The classifier's outputs are never removed. Returns a new, smaller model."""
+    if sparsity == 0:
+        return model
+    total, _ = count_prunable(model)
+    low, high = 0.0, 1.0
+    best: tuple[float, nn.Module] | None = None
+    for _step in range(STRUCTURED_MAX_STEPS):
+        ratio = (low + high) / 2
+        candidate = _prune_channels(copy.deepcopy(model), ratio, example_inputs)
+        achieved = 1 - count_prunable(candidate)[0] / total
+        if best is None or abs(achieved - sparsity) < abs(best[0] - sparsity):
+            best = (achieved, candidate)
+        if abs(achieved - sparsity) <= STRUCTURED_TOLERANCE / 2:
+            break
+        low, high = (ratio, high) if achieved < sparsity else (low, ratio)
+    if abs(best[0] - sparsity) > STRUCTURED_TOLERANCE:
+        raise PrunecxrError(
+            f"structured pruning cannot reach sparsity {sparsity} (closest: {best[0]:.4f})"
+        )
+    return best[1]
+
+
+def _prune_channels(model: nn.Module, ratio: float, example_inputs: torch.Tensor) -> nn.Module:
+    # The dependency graph is traced with autograd on (torch-pruning needs grad_fn links).
+    with torch.enable_grad():
+        pruner = tp.pruner.BasePruner(
+            model,
+            example_inputs,
+            importance=tp.importance.GroupMagnitudeImportance(p=1),
+            pruning_ratio=ratio,
+            ignored_layers=[model.fc],
+        )
+        pruner.step()
+    return model
+
+
+METHODS: dict[str, Callable[..., nn.Module]] = {
+    "l1": prune_l1,
+    "random": prune_random,
+    "structured": prune_structured,
+}
+
+
+def prune_model(
+    model: nn.Module, method: str, sparsity: float, *, example_inputs: torch.Tensor, seed: int = 0
+) -> nn.Module:
+    """Prune `model` (in place for unstructured; a new model for structured) and return it."""
+    if not 0 <= sparsity < 1:
+        raise PrunecxrError(f"sparsity {sparsity} is outside [0, 1)")
+    try:
+        prune_fn = METHODS[method]
+    except KeyError:
+        raise PrunecxrError(f"unknown method {method!r}; valid: {', '.join(METHODS)}") from None
+    return prune_fn(model, sparsity, seed=seed, example_inputs=example_inputs)
+
+
+def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass over `example_inputs` (dense count)."""
+    macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
+    return int(macs)

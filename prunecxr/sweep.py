@@ -1,0 +1,319 @@
+"""The prune and sweep stages: one (model, method, sparsity) cell, or all of them as nested prune
+runs under one sweep run. The test set is decoded once and held in memory, each source model is
+read once; every cell starts from an in-memory copy."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from prunecxr import PrunecxrError, tracking
+from prunecxr.data import SplitData, get_schema, load_split
+from prunecxr.data.cache import DEFAULT_CACHE_DIR
+from prunecxr.evaluate import (
+    example_input,
+    per_class_metrics,
+    predict_logits,
+    predictions_frame,
+    sigmoid,
+    summarize,
+)
+from prunecxr.models import create_model, load_state_file
+from prunecxr.pruning import count_macs, count_prunable, nonzero_parameters, prune_model
+from prunecxr.train import resolve_device
+
+CELL_TAG = "prunecxr.cell"
+SWEEP_KEY_TAG = "prunecxr.sweep_key"
+LATENCY_BATCH = 32
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where a model's test data is and how it was prepared (from its train run or the CLI)."""
+
+    dataset: str
+    data_dir: str
+    label_dir: str
+    image_size: int
+    cache_dir: str = str(DEFAULT_CACHE_DIR)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model to prune: the unpruned network, where it came from, and its settings."""
+
+    uri: str
+    run_id: str | None  # the train run that logged it; None for a checkpoint file
+    arch: str
+    seed: int
+    pretrained: str
+    data: DataSettings
+    model: nn.Module
+
+
+@dataclass(frozen=True)
+class CellSettings:
+    device: str = "auto"
+    batch_size: int = 256
+    log_model: bool = True
+
+
+def default_model_uri() -> str:
+    run_id = tracking.newest_finished_run_id("train")
+    if run_id is None:
+        raise PrunecxrError(
+            f"no finished train run in experiment {tracking.experiment_name()!r}; train one "
+            f"first (prunecxr train ...) or pass --model-uri"
+        )
+    return f"runs:/{run_id}/model"
+
+
+def load_source(
+    uri: str,
+    *,
+    fallback: DataSettings | None = None,
+    arch: str = "resnet50",
+    cache_dir: str | None = None,
+) -> ModelSource:
+    """runs:/<id>/model, models:/<name>/<version> (settings from the train run that logged it)
+    or a checkpoint file in the original format (settings from `fallback` and `arch`)."""
+    if uri.startswith(("runs:/", "models:/")):
+        run_id = tracking.model_run_id(uri)
+        params = tracking.get_run(run_id).data.params
+        data = DataSettings(
+            params["dataset"],
+            params["data_dir"],
+            params["label_dir"],
+            int(params["image_size"]),
+            cache_dir or params.get("cache_dir", str(DEFAULT_CACHE_DIR)),
+        )
+        model = tracking.load_model(uri)
+        return ModelSource(
+            uri, run_id, params["arch"], int(params["seed"]), params["pretrained"], data, model
+        )
+    if fallback is None:
+        raise PrunecxrError(
+            f"{uri} is a checkpoint file: give --dataset, --data-dir and --image-size for it"
+        )
+    model = create_model(arch, get_schema(fallback.dataset).num_classes)
+    try:
+        model.load_state_dict(load_state_file(Path(uri)))
+    except RuntimeError as error:
+        raise PrunecxrError(f"{uri} does not fit {arch}: {error}") from None
+    return ModelSource(uri, None, arch, 0, "checkpoint", fallback, model)
+
+
+def load_test_split(data: DataSettings) -> SplitData:
+    """The cached test split, read fully into memory once."""
+    split = load_split(
+        get_schema(data.dataset),
+        Path(data.data_dir),
+        Path(data.label_dir),
+        "test",
+        data.image_size,
+        cache_dir=Path(data.cache_dir),
+    )
+    return SplitData(split.image_ids, np.array(split.images), split.labels)
+
+
+def sweep_key(uris: list[str], methods: list[str], sparsities: list[float]) -> str:
+    text = repr((sorted(uris), sorted(methods), sorted(sparsities)))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cell_key(source: ModelSource, method: str, sparsity: float) -> str:
+    return f"{source.run_id or source.uri}|{method}|{sparsity:g}"
+
+
+@dataclass(frozen=True)
+class Finetune:
+    """Optional fine-tuning after pruning (0 epochs = the paper's setting)."""
+
+    epochs: int = 0
+    lr: float = 1e-4
+    batch_size: int = 256
+
+
+def run_cell(
+    source: ModelSource,
+    method: str,
+    sparsity: float,
+    test: SplitData,
+    settings: CellSettings,
+    finetune: Finetune = Finetune(),
+) -> str:
+    """Prune a copy of the source model, evaluate it on `test`, log one prune run (nested under
+    the active run if any). Returns the prune run's id."""
+    device = resolve_device(settings.device)
+    classes = get_schema(source.data.dataset).classes
+    name = f"prune-{method}-{sparsity:g}-seed{source.seed}"
+    with tracking.start_run("prune", run_name=name) as run_id:
+        tracking.set_tags({CELL_TAG: cell_key(source, method, sparsity)})
+        tracking.log_params(_cell_params(source, method, sparsity, finetune))
+        model = copy.deepcopy(source.model).to(device).eval()
+        example = torch.zeros(1, 3, source.data.image_size, source.data.image_size, device=device)
+        total, _ = count_prunable(model)
+        model = prune_model(model, method, sparsity, example_inputs=example, seed=source.seed)
+        if finetune.epochs:
+            _finetune(model, source, finetune, device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        probs = sigmoid(
+            predict_logits(model, test.images, device=device, batch_size=settings.batch_size)
+        )
+        metrics = per_class_metrics(probs, test.labels, classes)
+        tracking.log_metrics(
+            {**summarize(metrics, "test"), **_measure(model, total, test, example)}
+        )
+        tracking.log_table(metrics, "per_class_metrics.csv")
+        tracking.log_table(
+            predictions_frame(test.image_ids, probs, test.labels, classes), "predictions.parquet"
+        )
+        if settings.log_model:
+            tracking.log_model(model.float().cpu(), example_input(test.images))
+    return run_id
+
+
+def _cell_params(source: ModelSource, method: str, sparsity: float, finetune: Finetune) -> dict:
+    return {
+        "dataset": source.data.dataset,
+        "arch": source.arch,
+        "seed": source.seed,
+        "image_size": source.data.image_size,
+        "pretrained": source.pretrained,
+        "method": method,
+        "sparsity": sparsity,
+        "source_run_id": source.run_id or "",
+        "model_uri": source.uri,
+        "finetune_epochs": finetune.epochs,
+    }
+
+
+def _measure(model: nn.Module, total_prunable: int, test: SplitData, example) -> dict[str, float]:
+    """Measured, not assumed: zeroed or removed prunable weights, MACs and latency."""
+    _, nonzero = count_prunable(model)
+    return {
+        "achieved_sparsity": 1 - nonzero / total_prunable,
+        "nonzero_params": nonzero_parameters(model),
+        "macs": count_macs(model, example),
+        "latency_ms_per_image": latency_ms_per_image(model, test.images, example.device),
+    }
+
+
+def latency_ms_per_image(model: nn.Module, images: np.ndarray, device: torch.device) -> float:
+    """Mean inference time per image over 3 passes of a LATENCY_BATCH batch, after a warm-up."""
+    batch = images[:LATENCY_BATCH]
+    predict_logits(model, batch, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(3):
+        predict_logits(model, batch, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) * 1000 / (3 * len(batch))
+
+
+def _finetune(model: nn.Module, source: ModelSource, finetune: Finetune, device) -> None:
+    from prunecxr.pruning import zeros_stay_zero
+    from prunecxr.train import finetune_model
+
+    data = source.data
+    train = load_split(
+        get_schema(data.dataset),
+        Path(data.data_dir),
+        Path(data.label_dir),
+        "train",
+        data.image_size,
+        cache_dir=Path(data.cache_dir),
+    )
+    with zeros_stay_zero(model):
+        finetune_model(
+            model,
+            train,
+            epochs=finetune.epochs,
+            lr=finetune.lr,
+            batch_size=finetune.batch_size,
+            seed=source.seed,
+        )
+
+
+def run_prune(
+    source: ModelSource,
+    method: str,
+    sparsity: float,
+    settings: CellSettings,
+    finetune: Finetune = Finetune(),
+) -> str:
+    """The prune stage: one cell as its own prune run."""
+    return run_cell(source, method, sparsity, load_test_split(source.data), settings, finetune)
+
+
+def run_sweep(
+    sources: list[ModelSource],
+    methods: list[str],
+    sparsities: list[float],
+    settings: CellSettings,
+    finetune: Finetune = Finetune(),
+) -> str:
+    """Every (model, method, sparsity) cell as a nested prune run under one sweep run. A sweep
+    with the same models, methods and sparsities that did not finish is continued: its finished
+    cells are skipped. Returns the sweep run's id."""
+    key = sweep_key([s.run_id or s.uri for s in sources], methods, sparsities)
+    resume_id = tracking.find_unfinished_run_id("sweep", SWEEP_KEY_TAG, key)
+    with tracking.start_run(
+        "sweep", run_name=f"sweep-{'-'.join(methods)}", run_id=resume_id
+    ) as sweep_id:
+        if resume_id is None:
+            tracking.set_tags({SWEEP_KEY_TAG: key})
+            tracking.log_params(
+                {
+                    "methods": ",".join(methods),
+                    "sparsities": ",".join(f"{k:g}" for k in sparsities),
+                    "model_uris": ",".join(s.uri for s in sources),
+                    "cells": len(sources) * len(methods) * len(sparsities),
+                    "finetune_epochs": finetune.epochs,
+                }
+            )
+        done = tracking.finished_child_tags(sweep_id, CELL_TAG) if resume_id else set()
+        cells = [(s, m, k) for s in sources for m in methods for k in sparsities]
+        todo = [cell for cell in cells if cell_key(*cell) not in done]
+        if resume_id:
+            print(
+                f"continuing sweep {sweep_id}: {len(cells) - len(todo)} of {len(cells)} cells done"
+            )
+        tests: dict[DataSettings, SplitData] = {}
+        for source, method, sparsity in tqdm(todo, desc="sweep", unit="cell"):
+            if source.data not in tests:
+                tests[source.data] = load_test_split(source.data)
+            run_cell(source, method, sparsity, tests[source.data], settings, finetune)
+    return sweep_id
+
+
+def parse_sparsities(text: str) -> list[float]:
+    """'0:0.95:0.05' (start:stop:step, stop included) or '0,0.5,0.9' -> sorted unique floats."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(part) for part in text.split(":"))
+            if step <= 0:
+                raise ValueError
+            values = np.arange(start, stop + step / 2, step)
+        else:
+            values = np.array([float(part) for part in text.split(",") if part.strip()])
+    except ValueError:
+        raise PrunecxrError(
+            f"bad sparsities {text!r}: use start:stop:step or a comma list"
+        ) from None
+    values = sorted(set(np.round(values, 6).tolist()))
+    bad = [v for v in values if not 0 <= v < 1]
+    if bad or not values:
+        raise PrunecxrError(f"bad sparsities {text!r}: every sparsity must be in [0, 1)")
+    return values

@@ -1,0 +1,104 @@
+"""Pruning methods: global magnitude order, achieved sparsity, structured shapes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.nn.utils import prune
+
+from prunecxr import PrunecxrError
+from prunecxr.models import create_model
+from prunecxr.pruning import (
+    count_macs,
+    count_prunable,
+    prunable_weights,
+    prune_model,
+    zeros_stay_zero,
+)
+
+EXAMPLE = torch.zeros(1, 3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    torch.manual_seed(0)
+    return create_model("resnet18", 20).eval()
+
+
+def _flat_weights(model) -> torch.Tensor:
+    return torch.cat([getattr(m, n).detach().flatten() for m, n in prunable_weights(model)])
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.9])
+def test_l1_zeroes_the_globally_smallest_weights(resnet18, sparsity):
+    before = _flat_weights(resnet18).abs()
+    pruned = prune_model(copy.deepcopy(resnet18), "l1", sparsity, example_inputs=EXAMPLE)
+    after = _flat_weights(pruned)
+    zeroed = after == 0
+    assert zeroed.float().mean().item() == pytest.approx(sparsity, abs=1e-6)
+    assert before[zeroed].max() <= before[~zeroed].min()  # global, not per-layer, order
+    per_layer = [(getattr(m, n) == 0).float().mean().item() for m, n in prunable_weights(pruned)]
+    assert max(per_layer) - min(per_layer) > 0.1  # layers lose different fractions
+    assert (pruned.fc.weight == 0).any()  # the classifier's weights are prunable too
+
+
+def test_masks_are_permanent(resnet18):
+    pruned = prune_model(copy.deepcopy(resnet18), "l1", 0.5, example_inputs=EXAMPLE)
+    names = {name for name, _ in pruned.named_parameters()}
+    assert not any(name.endswith("weight_orig") for name in names)
+    assert not any(prune.is_pruned(module) for module in pruned.modules())
+    total, nonzero = count_prunable(pruned)
+    assert nonzero / total == pytest.approx(0.5, abs=1e-6)
+
+
+def test_random_is_seeded_and_ignores_magnitude(resnet18):
+    def zero_mask(seed):
+        model = prune_model(
+            copy.deepcopy(resnet18), "random", 0.5, example_inputs=EXAMPLE, seed=seed
+        )
+        return _flat_weights(model) == 0
+
+    first, again, other = zero_mask(1), zero_mask(1), zero_mask(2)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert first.float().mean().item() == pytest.approx(0.5, abs=1e-6)
+    magnitudes = _flat_weights(resnet18).abs()
+    assert magnitudes[first].max() > magnitudes[~first].min()  # not magnitude-ordered
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_structured_hits_the_target_and_shrinks_the_model(resnet18, sparsity):
+    total, _ = count_prunable(resnet18)
+    pruned = prune_model(copy.deepcopy(resnet18), "structured", sparsity, example_inputs=EXAMPLE)
+    remaining, nonzero = count_prunable(pruned)
+    assert 1 - remaining / total == pytest.approx(sparsity, abs=0.01)
+    assert pruned.fc.out_features == 20  # classifier outputs are never removed
+    assert pruned.layer1[0].conv1.out_channels < resnet18.layer1[0].conv1.out_channels
+    assert pruned(torch.randn(2, 3, 64, 64)).shape == (2, 20)
+    assert count_macs(pruned, EXAMPLE) < (1 - sparsity / 2) * count_macs(resnet18, EXAMPLE)
+
+
+def test_sparsity_zero_changes_nothing(resnet18):
+    for method in ("l1", "random", "structured"):
+        same = prune_model(copy.deepcopy(resnet18), method, 0.0, example_inputs=EXAMPLE)
+        assert torch.equal(_flat_weights(same), _flat_weights(resnet18))
+
+
+def test_bad_method_and_sparsity_are_refused(resnet18):
+    with pytest.raises(PrunecxrError, match="l1, random, structured"):
+        prune_model(resnet18, "magnitude", 0.5, example_inputs=EXAMPLE)
+    with pytest.raises(PrunecxrError, match="outside"):
+        prune_model(resnet18, "l1", 1.0, example_inputs=EXAMPLE)
+
+
+def test_zeros_stay_zero_while_fine_tuning(resnet18):
+    model = prune_model(copy.deepcopy(resnet18), "l1", 0.8, example_inputs=EXAMPLE).train()
+    zero_before = _flat_weights(model) == 0
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with zeros_stay_zero(model):
+        model(torch.randn(4, 3, 64, 64)).sum().backward()
+        optimizer.step()
+    after = _flat_weights(model)
+    assert (after[zero_before] == 0).all()
+    assert not torch.equal(after[~zero_before], _flat_weights(resnet18)[~zero_before])
