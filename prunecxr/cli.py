@@ -11,8 +11,6 @@ import click
 
 from prunecxr import PrunecxrError
 
-NOT_YET_AVAILABLE_EXIT = 2
-
 DATASETS = ("nih-cxr-lt", "mimic-cxr-lt")
 
 
@@ -181,12 +179,19 @@ def _given_on_command_line(settings: dict) -> dict:
 @model_options
 @optimization_options
 @click.option("--seeds", type=int, help="Number of seeds (0..N-1) [default: 2 demo, 30 real data].")
+@click.option(
+    "--methods", help="Pruning methods [default: l1,random,structured demo; l1,random real data]."
+)
+@click.option(
+    "--sparsities", help="Sparsity grid [default: 0,0.3,...,0.95 demo; 0:0.95:0.05 real data]."
+)
 @device_option
 @experiment_option
-def study(demo_dir, seeds, experiment, **settings) -> None:
+def study(demo_dir, seeds, methods, sparsities, experiment, **settings) -> None:
     """The whole pipeline as nested MLflow runs; with no --data-dir, the synthetic demo."""
     from prunecxr import tracking
     from prunecxr.study import StudyConfig, demo_config, ensure_demo_data, run_study
+    from prunecxr.sweep import parse_sparsities
 
     tracking.use_experiment(experiment)
     if settings["data_dir"] is None:
@@ -197,9 +202,13 @@ def study(demo_dir, seeds, experiment, **settings) -> None:
             overrides.pop(key, None)
         config = demo_config(demo_dir, settings["dataset"], **overrides)
     else:
-        config = StudyConfig(_train_config(**settings, seed=0), tuple(range(30)))
+        config = StudyConfig(_train_config(**settings, seed=0))
     if seeds is not None:
         config = dataclasses.replace(config, seeds=tuple(range(seeds)))
+    if methods is not None:
+        config = dataclasses.replace(config, methods=tuple(_parse_methods(methods)))
+    if sparsities is not None:
+        config = dataclasses.replace(config, sparsities=tuple(parse_sparsities(sparsities)))
     study_id = run_study(config)
     click.echo(f"study run {study_id}; see it with: mlflow ui  (then open http://127.0.0.1:5000)")
 
@@ -273,16 +282,10 @@ def prune(model_uri, method, sparsity, log_model, experiment, **settings) -> Non
 def sweep(model_uris, methods, sparsities, log_models, experiment, **settings) -> None:
     """Every model x method x sparsity as nested prune runs under one sweep run."""
     from prunecxr import tracking
-    from prunecxr.pruning import METHODS
     from prunecxr.sweep import default_model_uri, parse_sparsities, run_sweep
 
     tracking.use_experiment(experiment)
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = [m for m in method_list if m not in METHODS]
-    if unknown or not method_list:
-        raise PrunecxrError(
-            f"unknown method(s) {unknown or methods!r}; valid: {', '.join(METHODS)}"
-        )
+    method_list = _parse_methods(methods)
     uris = [u for given in model_uris for u in given.split(",") if u] or [default_model_uri()]
     sources = [_load_source(uri, settings) for uri in uris]
     sweep_id = run_sweep(
@@ -293,6 +296,16 @@ def sweep(model_uris, methods, sparsities, log_models, experiment, **settings) -
         _finetune(settings),
     )
     click.echo(f"sweep run {sweep_id}")
+
+
+def _parse_methods(text: str) -> list[str]:
+    from prunecxr.pruning import METHODS
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise PrunecxrError(f"unknown method(s) {unknown or text!r}; valid: {', '.join(METHODS)}")
+    return methods
 
 
 def _load_source(uri: str, settings: dict):
@@ -325,17 +338,59 @@ def _finetune(settings: dict):
     return Finetune(settings["finetune_epochs"], settings["lr"], settings["batch_size"])
 
 
-def _not_yet_available(name: str, issue: str):
-    @cli.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    def command() -> None:
-        click.echo(f"prunecxr {name}: not yet available (lands with {issue})", err=True)
-        sys.exit(NOT_YET_AVAILABLE_EXIT)
+@cli.command()
+@click.option("--sweep-run-id", help="Analyze this sweep [default: the newest finished sweep].")
+@click.option(
+    "--preds-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The original study's published {dataset}_resnet50_seed-{s}_prune-{k}.pkl files.",
+)
+@click.option(
+    "--allow-pickle", is_flag=True, help="Trust --preds-dir: its pickle files can run code."
+)
+@click.option(
+    "--cooccurrence",
+    type=click.Choice(["paper", "legacy"]),
+    default="paper",
+    show_default=True,
+    help="IoU/frequency for FCD: the paper's definition or the original code's column sums.",
+)
+@dataset_option
+@click.option(
+    "--label-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Label files (with --preds-dir).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Images, for the PIE gallery (with --preds-dir; optional).",
+)
+@experiment_option
+def analyze(
+    sweep_run_id, preds_dir, allow_pickle, cooccurrence, dataset, label_dir, data_dir, experiment
+) -> None:
+    """Forgettability curves, k20 thresholds, FCD, PIEs, figures and report.html of a sweep."""
+    from prunecxr import tracking
+    from prunecxr.analysis.stage import analyze_published, analyze_sweep, default_sweep_run_id
 
-    command.__doc__ = f"Not yet available (lands with {issue})."
-    return command
-
-
-analyze = _not_yet_available("analyze", "the analysis issue #4")
+    tracking.use_experiment(experiment)
+    if preds_dir is not None:
+        if label_dir is None:
+            raise PrunecxrError("--preds-dir needs --label-dir (the study's label files)")
+        run_id = analyze_published(
+            dataset,
+            preds_dir,
+            label_dir,
+            data_dir=data_dir,
+            allow_pickle=allow_pickle,
+            cooccurrence_mode=cooccurrence,
+        )
+    else:
+        run_id = analyze_sweep(
+            sweep_run_id or default_sweep_run_id(), cooccurrence_mode=cooccurrence
+        )
+    click.echo(f"analyze run {run_id}: report at runs:/{run_id}/report.html")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,7 +63,7 @@ class ModelSource:
 class CellSettings:
     device: str = "auto"
     batch_size: int = 256
-    log_model: bool = True
+    log_model: bool = False  # sweeps keep only metrics and predictions per cell
 
 
 def default_model_uri() -> str:

@@ -215,3 +215,27 @@ def _search(query: str) -> list:
         token = page.token
         if not token:
             return runs
+
+
+def finished_children(parent_run_id: str, stage: str) -> list[tuple[str, dict[str, str]]]:
+    """(run id, params) of the finished `stage` runs directly under `parent_run_id`."""
+    query = (
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{STAGE_TAG}` = '{stage}' "
+        f"and attributes.status = 'FINISHED'"
+    )
+    return [(run.info.run_id, dict(run.data.params)) for run in _search(query)]
+
+
+def read_table(run_id: str, artifact_file: str) -> pd.DataFrame:
+    """A CSV or Parquet artifact of a run as a DataFrame."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = download_artifact(run_id, artifact_file, Path(tmp))
+        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+
+
+def log_figure(figure, artifact_file: str) -> None:
+    mlflow.log_figure(figure, artifact_file)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    mlflow.log_text(text, artifact_file)

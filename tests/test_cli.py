@@ -31,10 +31,11 @@ def test_help_lists_every_command():
         assert command in result.stdout
 
 
-def test_stages_not_landed_yet_exit_2_with_a_message():
-    result = prunecxr("analyze", "--sweep-run-id", "x")
-    assert result.returncode == 2
-    assert "not yet available" in result.stderr
+def test_analyze_refuses_pickles_without_allow_pickle(tmp_path, mlflow_store):
+    (tmp_path / "nih-cxr-lt_resnet50_seed-0_prune-0.pkl").write_bytes(b"not trusted")
+    result = prunecxr("analyze", "--preds-dir", str(tmp_path), "--label-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "unpickling can run arbitrary code: pass --allow-pickle" in result.stderr
 
 
 def test_bad_input_is_one_line_naming_the_file(tmp_path, mlflow_store):
@@ -114,6 +115,14 @@ def test_demo_study_nests_one_train_run_per_seed(tmp_path, mlflow_store):
     assert set(trains["params.seed"]) == {"0", "1"}
     assert set(trains["params.arch"]) == {"resnet18"}  # the demo's model
     assert (trains["metrics.test_mAUC"] > 0.5).all()
+    sweep = runs[runs["tags.prunecxr.stage"] == "sweep"]
+    assert len(sweep) == 1 and sweep["tags.mlflow.parentRunId"].iloc[0] == study.run_id.iloc[0]
+    cells = runs[runs["tags.prunecxr.stage"] == "prune"]
+    assert len(cells) == 2 * 2 * 2  # seeds x methods x sparsities
+    assert set(cells["tags.mlflow.parentRunId"]) == {sweep.run_id.iloc[0]}
+    assert set(cells["params.source_run_id"]) == set(trains.run_id)
+    analyze = runs[runs["tags.prunecxr.stage"] == "analyze"]
+    assert len(analyze) == 1 and analyze["tags.mlflow.parentRunId"].iloc[0] == study.run_id.iloc[0]
 
 
 @pytest.mark.slow

@@ -55,8 +55,13 @@ def test_train_run_logs_the_designs_names(tiny_nih, cache_dir, mlflow_store):
     client = MlflowClient()
     run = client.get_run(run_id)
     assert run.data.tags["prunecxr.stage"] == "train" and run.info.status == "FINISHED"
-    for param, value in [("dataset", "nih-cxr-lt"), ("arch", "resnet18"), ("seed", "0"),
-                         ("image_size", "32"), ("pretrained", "none")]:  # fmt: skip
+    for param, value in [
+        ("dataset", "nih-cxr-lt"),
+        ("arch", "resnet18"),
+        ("seed", "0"),
+        ("image_size", "32"),
+        ("pretrained", "none"),
+    ]:
         assert run.data.params[param] == value
     for metric in ("train_loss", "val_loss", "val_mAUC", "val_mAP"):
         assert [m.step for m in client.get_metric_history(run_id, metric)] == [1, 2]

@@ -23,7 +23,7 @@ def decode_image(path: Path, image_size: int) -> np.ndarray:
         with Image.open(path) as image:
             image = _to_grey8(image)
             resized = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            return np.asarray(resized, dtype=np.uint8)
+            return np.array(resized, dtype=np.uint8)
     except FileNotFoundError:
         raise PrunecxrError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError) as error:

@@ -1,0 +1,166 @@
+"""Sweep evaluation throughput: the original study's way vs prunecxr's, side by side.
+
+The same synthetic test set and the same checkpoint are evaluated after global L1 pruning at
+each sparsity, two ways:
+1. original: per sparsity, reload the checkpoint from disk and build a fresh DataLoader that
+   decodes and resizes every image file and normalizes it per image; fp32 (as VITA-Group/PruneCXR).
+2. prunecxr: decode once into the uint8 cache (its build time is counted), hold the test tensor
+   in memory, copy the in-memory model per sparsity, normalize per batch; bf16 + channels_last
+   on CUDA.
+Prints images evaluated per second for both, their ratio, and the largest difference between
+the two ways' predicted probabilities.
+
+    python bench/sweep_throughput.py                  # CPU defaults (a few minutes on 2 cores)
+    python bench/sweep_throughput.py --device cuda --n-images 4096 --workers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import functional as TF
+
+from prunecxr.data import get_schema, load_split
+from prunecxr.data.cache import decode_image
+from prunecxr.data.labels import read_labels
+from prunecxr.data.synthetic import write_synthetic
+from prunecxr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from prunecxr.evaluate import predict_logits, sigmoid
+from prunecxr.models import create_model, load_state_file
+from prunecxr.pruning import prune_model
+from prunecxr.train import resolve_device
+
+SCHEMA = get_schema("nih-cxr-lt")
+
+
+class FileDataset(Dataset):
+    """The original data path: decode + resize the file, then ToTensor + Normalize per image."""
+
+    def __init__(self, paths: list[Path], image_size: int):
+        self.paths, self.image_size = paths, image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = TF.to_tensor(decode_image(self.paths[index], self.image_size)).expand(3, -1, -1)
+        return TF.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def original_way(checkpoint: Path, paths, args, device) -> tuple[float, list[np.ndarray]]:
+    started, outputs = time.perf_counter(), []
+    for sparsity in args.sparsities:
+        model = create_model(args.arch, SCHEMA.num_classes)
+        model.load_state_dict(load_state_file(checkpoint))
+        model = prune_model(model, "l1", sparsity, example_inputs=None).to(device).eval()
+        loader = DataLoader(
+            FileDataset(paths, args.image_size),
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            pin_memory=device.type == "cuda",
+        )
+        with torch.inference_mode():
+            logits = [model(batch.to(device)).float().cpu() for batch in loader]
+        outputs.append(sigmoid(torch.cat(logits).numpy()))
+    _sync(device)
+    return time.perf_counter() - started, outputs
+
+
+def prunecxr_way(checkpoint: Path, data_dir: Path, args, device) -> tuple[float, list[np.ndarray]]:
+    started, outputs = time.perf_counter(), []
+    test = load_split(
+        SCHEMA,
+        data_dir,
+        data_dir,
+        "test",
+        args.image_size,
+        cache_dir=data_dir / "cache",
+        num_workers=args.workers,
+    )
+    images = np.array(test.images)
+    source = create_model(args.arch, SCHEMA.num_classes)
+    source.load_state_dict(load_state_file(checkpoint))
+    for sparsity in args.sparsities:
+        model = prune_model(copy.deepcopy(source), "l1", sparsity, example_inputs=None)
+        model = model.to(device).eval()
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        logits = predict_logits(model, images, device=device, batch_size=args.batch_size)
+        outputs.append(sigmoid(logits))
+    _sync(device)
+    return time.perf_counter() - started, outputs
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def prepare(args) -> tuple[Path, Path, list[Path]]:
+    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="prunecxr-bench-"))
+    if not (data_dir / SCHEMA.label_file("test")).exists():
+        sizes = {"train": 8, "val": 8, "test": args.n_images}
+        write_synthetic(SCHEMA, data_dir, sizes, image_size=args.source_size, seed=0)
+    checkpoint = data_dir / "chkpt.pt"
+    torch.manual_seed(0)
+    torch.save({"weights": create_model(args.arch, SCHEMA.num_classes).state_dict()}, checkpoint)
+    test = read_labels(SCHEMA, data_dir, "test")
+    return data_dir, checkpoint, [data_dir / image_id for image_id in test.image_ids]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--n-images", type=int, default=256, help="test images")
+    parser.add_argument("--source-size", type=int, default=1024, help="side of the PNG files")
+    parser.add_argument("--image-size", type=int, default=256, help="model input side")
+    parser.add_argument(
+        "--sparsities", type=lambda t: [float(x) for x in t.split(",")], default=[0.0, 0.5, 0.9]
+    )
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader / cache workers")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-dir", help="reuse a folder (its images are generated once)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    data_dir, checkpoint, paths = prepare(args)
+    for cached in (data_dir / "cache").glob("*.npy"):
+        cached.unlink()  # our way pays for building its cache in the timed run
+    original_s, original = original_way(checkpoint, paths, args, device)
+    ours_s, ours = prunecxr_way(checkpoint, data_dir, args, device)
+    evaluated = len(paths) * len(args.sparsities)
+    result = {
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"cpu x{torch.get_num_threads()}",
+        "arch": args.arch,
+        "images": len(paths),
+        "sparsities": args.sparsities,
+        "source_size": args.source_size,
+        "image_size": args.image_size,
+        "original_images_per_s": evaluated / original_s,
+        "prunecxr_images_per_s": evaluated / ours_s,
+        "speedup": original_s / ours_s,
+        "max_abs_prob_diff": float(max(np.abs(a - b).max() for a, b in zip(original, ours))),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    # fp32 on both sides on the CPU; bf16 autocast against fp32 on CUDA.
+    tolerance = 0.05 if device.type == "cuda" else 1e-4
+    if result["max_abs_prob_diff"] > tolerance:
+        raise SystemExit(f"predictions differ by {result['max_abs_prob_diff']:.2e} > {tolerance}")
+    print(f"predictions agree within {tolerance}")
+
+
+if __name__ == "__main__":
+    main()

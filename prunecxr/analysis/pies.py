@@ -1,0 +1,69 @@
+"""Pruning-identified exemplars (PIEs; Hooker et al. 2019, adapted to multi-label by Holste et
+al. 2023, §3.3).
+
+1. Ensemble: average the predicted probabilities over seeds, at k = 0 and at k = 0.9.
+2. Per image: Spearman correlation across classes between the two ensembled vectors.
+3. PIEs: the images whose correlation is in the bottom 5 %.
+4. Who they are: per class, the fraction of PIEs with that label over the fraction of other
+   images with it; and the same ratio per number of findings (0, 1, 2, 3, 4+; No Finding is not
+   a finding).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+from prunecxr.analysis.predictions import SweepPredictions
+
+PIE_FRACTION = 0.05
+DISEASE_BINS = ("0", "1", "2", "3", "4+")
+
+
+def ensemble(preds: SweepPredictions, method: str, sparsity: float) -> np.ndarray:
+    """(N, C) mean over seeds of the probabilities at one sparsity."""
+    return np.mean([preds.probs[(method, s, sparsity)] for s in preds.seeds(method)], axis=0)
+
+
+def image_correlations(dense: np.ndarray, pruned: np.ndarray) -> np.ndarray:
+    """(N,) Spearman correlation across classes of each image's two probability vectors."""
+    return np.array([spearmanr(a, b).statistic for a, b in zip(dense, pruned)])
+
+
+def find_pies(preds: SweepPredictions, method: str, sparsity: float) -> pd.DataFrame:
+    """Columns row (0-based row of the test label file), image, corr, is_pie; sorted by corr."""
+    corr = image_correlations(ensemble(preds, method, 0.0), ensemble(preds, method, sparsity))
+    corr = np.nan_to_num(corr, nan=-1.0)  # constant predictions: treat as maximally changed
+    cutoff = np.quantile(corr, PIE_FRACTION)
+    frame = pd.DataFrame({"row": np.arange(len(corr)), "image": preds.image_ids, "corr": corr})
+    frame["is_pie"] = frame["corr"] <= cutoff
+    return frame.sort_values("corr", kind="stable").reset_index(drop=True)
+
+
+def class_ratios(labels: np.ndarray, is_pie: np.ndarray, classes) -> pd.DataFrame:
+    """Per class: share of PIEs with the label / share of non-PIEs with it."""
+    pie, rest = labels[is_pie].mean(axis=0), labels[~is_pie].mean(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(rest > 0, pie / rest, np.nan)
+    return pd.DataFrame(
+        {"class": list(classes), "pie_share": pie, "other_share": rest, "ratio": ratio}
+    )
+
+
+def disease_count_ratios(labels: np.ndarray, is_pie: np.ndarray, classes) -> pd.DataFrame:
+    """Per number of findings (0..3, 4+): share among PIEs / share among non-PIEs."""
+    findings = [c for c, name in enumerate(classes) if name != "No Finding"]
+    counts = np.minimum(labels[:, findings].sum(axis=1), 4).astype(int)
+    rows = []
+    for n, name in enumerate(DISEASE_BINS):
+        pie, rest = (counts[is_pie] == n).mean(), (counts[~is_pie] == n).mean()
+        rows.append(
+            {
+                "n_findings": name,
+                "pie_share": pie,
+                "other_share": rest,
+                "ratio": pie / rest if rest > 0 else np.nan,
+            }
+        )
+    return pd.DataFrame(rows)

@@ -1,0 +1,111 @@
+"""Predictions of a sweep, gathered into one structure the analyses share.
+
+Sources: the prune runs under a sweep run, or the original study's published prediction files
+(`{dataset}_resnet50_seed-{s}_prune-{k}.pkl`)."""
+
+from __future__ import annotations
+
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from prunecxr import PrunecxrError
+from prunecxr.data import DatasetSchema, class_slug
+
+PRED_FILE = re.compile(
+    r"(?P<dataset>[a-z-]+)_resnet50_seed-(?P<seed>\d+)_prune-(?P<k>[0-9.]+)\.pkl"
+)
+
+
+@dataclass(frozen=True)
+class SweepPredictions:
+    """probs[(method, seed, sparsity)]: (N, C) probabilities on the test set; labels: (N, C);
+    train_labels: (M, C) labels of the training set (class frequencies, IoU)."""
+
+    schema: DatasetSchema
+    image_ids: tuple[str, ...]
+    labels: np.ndarray
+    train_labels: np.ndarray
+    probs: dict[tuple[str, int, float], np.ndarray]
+
+    @property
+    def methods(self) -> list[str]:
+        return sorted({method for method, _, _ in self.probs})
+
+    def seeds(self, method: str) -> list[int]:
+        return sorted({seed for m, seed, _ in self.probs if m == method})
+
+    def sparsities(self, method: str) -> list[float]:
+        return sorted({k for m, _, k in self.probs if m == method})
+
+    @property
+    def train_counts(self) -> np.ndarray:
+        return self.train_labels.sum(axis=0)
+
+
+def from_prediction_frames(
+    schema, frames: dict[tuple[str, int, float], pd.DataFrame], train_labels: np.ndarray
+) -> SweepPredictions:
+    """Frames from prune runs' predictions.parquet (image, class columns, label_<slug>)."""
+    first = next(iter(frames.values()))
+    label_columns = [f"label_{class_slug(c)}" for c in schema.classes]
+    probs = {key: frame[list(schema.classes)].to_numpy(float) for key, frame in frames.items()}
+    return SweepPredictions(
+        schema, tuple(first["image"]), first[label_columns].to_numpy(float), train_labels, probs
+    )
+
+
+def read_published_predictions(
+    schema: DatasetSchema, preds_dir: Path, *, allow_pickle: bool
+) -> SweepPredictions:
+    """The original study's files: a DataFrame with one probability column per class and a
+    `label` column of '|'-joined class names. Pickle can run code: only with allow_pickle.
+    Image ids are row numbers and train_labels empty: the caller adds both from label files."""
+    files = sorted(p for p in Path(preds_dir).glob("*.pkl") if _matches(p, schema))
+    if not files:
+        raise PrunecxrError(
+            f"no {schema.name}_resnet50_seed-<s>_prune-<k>.pkl files in {preds_dir}"
+        )
+    if not allow_pickle:
+        raise PrunecxrError(
+            f"{files[0]} is a pickle file, and unpickling can run arbitrary code: pass "
+            f"--allow-pickle if you trust {preds_dir}"
+        )
+    probs, labels = {}, None
+    for path in files:
+        match = PRED_FILE.fullmatch(path.name)
+        frame = _unpickle(path)
+        probs[("l1", int(match["seed"]), float(match["k"]))] = frame[list(schema.classes)].to_numpy(
+            float
+        )
+        labels = labels if labels is not None else _labels_from_names(frame["label"], schema, path)
+    image_ids = tuple(str(i) for i in range(len(labels)))
+    return SweepPredictions(schema, image_ids, labels, np.zeros((0, schema.num_classes)), probs)
+
+
+def _matches(path: Path, schema: DatasetSchema) -> bool:
+    match = PRED_FILE.fullmatch(path.name)
+    return bool(match) and match["dataset"] == schema.name
+
+
+def _unpickle(path: Path) -> pd.DataFrame:
+    with open(path, "rb") as file:
+        frame = pickle.load(file)  # noqa: S301 - guarded by allow_pickle
+    if not isinstance(frame, pd.DataFrame) or "label" not in frame.columns:
+        raise PrunecxrError(f"{path}: expected a DataFrame with a 'label' column")
+    return frame
+
+
+def _labels_from_names(names: pd.Series, schema: DatasetSchema, path: Path) -> np.ndarray:
+    index = {name: c for c, name in enumerate(schema.classes)}
+    labels = np.zeros((len(names), schema.num_classes))
+    for row, text in enumerate(names):
+        for name in filter(None, str(text).split("|")):
+            if name not in index:
+                raise PrunecxrError(f"{path}: row {row}: unknown class {name!r} in 'label'")
+            labels[row, index[name]] = 1
+    return labels

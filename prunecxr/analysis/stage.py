@@ -1,0 +1,146 @@
+"""The analyze stage: gather a sweep's predictions (or the original study's published ones),
+run every analysis, and log tables, figures and report.html as an analyze run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from prunecxr import PrunecxrError, tracking
+from prunecxr.analysis import figures
+from prunecxr.analysis.predictions import (
+    SweepPredictions,
+    from_prediction_frames,
+    read_published_predictions,
+)
+from prunecxr.analysis.report import render_report
+from prunecxr.analysis.study_analysis import Analysis, analyze_predictions
+from prunecxr.data import get_schema
+from prunecxr.data.cache import decode_image
+from prunecxr.data.labels import read_labels
+from prunecxr.pruning import prunable_weights
+from prunecxr.sweep import load_source, load_test_split
+
+HISTOGRAM_SPARSITIES = (0.5, 0.9)
+
+
+def default_sweep_run_id() -> str:
+    run_id = tracking.newest_finished_run_id("sweep")
+    if run_id is None:
+        raise PrunecxrError(
+            f"no finished sweep run in experiment {tracking.experiment_name()!r}; run "
+            f"`prunecxr sweep` first, or pass --sweep-run-id or --preds-dir"
+        )
+    return run_id
+
+
+def analyze_sweep(sweep_run_id: str, *, cooccurrence_mode: str = "paper") -> str:
+    """Analyze every prune run under `sweep_run_id`; returns the analyze run's id."""
+    cells = tracking.finished_children(sweep_run_id, "prune")
+    if not cells:
+        raise PrunecxrError(f"run {sweep_run_id} has no finished prune runs under it")
+    frames = {
+        (params["method"], int(params["seed"]), float(params["sparsity"])): tracking.read_table(
+            run_id, "predictions.parquet"
+        )
+        for run_id, params in tqdm(cells, desc="reading predictions", unit="run")
+    }
+    source_uri = f"runs:/{cells[0][1]['source_run_id']}/model"
+    source = load_source(source_uri)
+    schema = get_schema(source.data.dataset)
+    train_labels = read_labels(schema, Path(source.data.label_dir), "train").labels
+    preds = from_prediction_frames(schema, frames, train_labels)
+    _check_complete(preds)
+    test_images = load_test_split(source.data).images
+    analysis = analyze_predictions(
+        preds, cooccurrence_mode=cooccurrence_mode, load_image=lambda row: test_images[row]
+    )
+    analysis.figures["figures/weight_magnitudes.png"] = _weight_histogram(source.model, source.arch)
+    context = {
+        "sweep run": sweep_run_id,
+        "dataset": schema.name,
+        "arch": source.arch,
+        "methods": ", ".join(preds.methods),
+        "seeds": len(preds.seeds(preds.methods[0])),
+        "test images": len(preds.labels),
+        "co-occurrence": cooccurrence_mode,
+    }
+    return _log(
+        analysis,
+        {"sweep_run_id": sweep_run_id, "dataset": schema.name, "cooccurrence": cooccurrence_mode},
+        context,
+    )
+
+
+def analyze_published(
+    dataset: str,
+    preds_dir: Path,
+    label_dir: Path,
+    *,
+    data_dir: Path | None,
+    allow_pickle: bool,
+    cooccurrence_mode: str = "paper",
+) -> str:
+    """Analyze the original study's published prediction files."""
+    schema = get_schema(dataset)
+    preds = read_published_predictions(schema, preds_dir, allow_pickle=allow_pickle)
+    train_labels = read_labels(schema, label_dir, "train").labels
+    _check_complete(preds)
+    test = read_labels(schema, label_dir, "test")
+    if len(test.labels) != len(preds.labels):
+        raise PrunecxrError(
+            f"{test.path} has {len(test.labels)} rows, the predictions {len(preds.labels)}"
+        )
+    preds = SweepPredictions(schema, test.image_ids, preds.labels, train_labels, preds.probs)
+    load_image = None
+    if data_dir is not None:
+        load_image = lambda row: decode_image(Path(data_dir) / test.image_ids[row], 256)  # noqa: E731
+    analysis = analyze_predictions(
+        preds, cooccurrence_mode=cooccurrence_mode, load_image=load_image
+    )
+    context = {
+        "predictions": str(preds_dir),
+        "dataset": schema.name,
+        "seeds": len(preds.seeds("l1")),
+        "test images": len(preds.labels),
+        "co-occurrence": cooccurrence_mode,
+    }
+    return _log(
+        analysis,
+        {"preds_dir": str(preds_dir), "dataset": schema.name, "cooccurrence": cooccurrence_mode},
+        context,
+    )
+
+
+def _check_complete(preds: SweepPredictions) -> None:
+    for method in preds.methods:
+        if 0.0 not in preds.sparsities(method):
+            raise PrunecxrError(
+                f"method {method!r} has no sparsity-0 predictions: relative changes need them"
+            )
+
+
+def _weight_histogram(model, arch: str):
+    weights = np.concatenate(
+        [getattr(m, n).detach().abs().flatten().numpy() for m, n in prunable_weights(model)]
+    )
+    cuts = {k: float(np.quantile(weights, k)) for k in HISTOGRAM_SPARSITIES}
+    return figures.weight_histograms(weights, cuts, arch)
+
+
+def _log(analysis: Analysis, params: dict, context: dict) -> str:
+    with tracking.start_run("analyze", run_name="analyze") as run_id:
+        tracking.log_params(params)
+        tracking.log_metrics({k: float(v) for k, v in analysis.numbers.items() if np.isfinite(v)})
+        for path, table in analysis.tables.items():
+            tracking.log_table(table, path)
+        for path, figure in analysis.figures.items():
+            tracking.log_figure(figure, path)
+        report = render_report(
+            analysis, title=f"prunecxr analysis ({context['dataset']})", context=context
+        )
+        tracking.log_text(report, "report.html")
+    figures.close(analysis.figures.values())
+    return run_id

@@ -1,0 +1,163 @@
+"""All analyses of one sweep's predictions: the design's tables, the figures and the findings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from prunecxr.analysis import cooccurrence, figures, forgetting, pies
+from prunecxr.analysis.predictions import SweepPredictions
+
+GALLERY_SIZE = 12
+
+
+@dataclass
+class Analysis:
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # artifact path -> table
+    figures: dict[str, Figure] = field(default_factory=dict)  # artifact path -> figure
+    findings: list[tuple[str, bool | None, str]] = field(
+        default_factory=list
+    )  # claim, seen?, numbers
+    numbers: dict[str, float] = field(default_factory=dict)  # logged as metrics
+
+
+def analyze_predictions(
+    preds: SweepPredictions,
+    *,
+    cooccurrence_mode: str = "paper",
+    load_image: Callable[[int], np.ndarray] | None = None,
+) -> Analysis:
+    """`load_image(row)` -> (S, S) test image, for the PIE gallery (skipped when None)."""
+    result = Analysis()
+    table = forgetting.metrics_table(preds)
+    result.tables["tables/per_class_metrics.csv"] = table
+    curves_by_method = forgetting.mean_ap_curves(table)
+    result.tables["tables/mean_ap.csv"] = curves_by_method
+    result.figures["figures/mean_ap_vs_sparsity.png"] = figures.mean_ap_vs_sparsity(
+        curves_by_method
+    )
+    method = "l1" if "l1" in preds.methods else preds.methods[0]  # the paper's method
+    _forgetting(result, preds, table, method, cooccurrence_mode)
+    _pies(result, preds, method, load_image)
+    return result
+
+
+def _forgetting(result: Analysis, preds, table, method: str, mode: str) -> None:
+    classes = preds.schema.classes
+    curves = forgetting.forgettability(table, method)
+    k20 = forgetting.thresholds(curves, classes, preds.train_counts)
+    k_ref = forgetting.reference_sparsity(preds.sparsities(method))
+    correlations = forgetting.frequency_correlations(curves, k20, k_ref)
+    fcd = cooccurrence.fcd_table(curves, classes, preds.train_labels, mode)
+    result.tables.update(
+        {
+            "tables/forgettability.csv": curves,
+            "tables/thresholds.csv": k20,
+            "tables/correlations.csv": correlations,
+            "tables/fcd.csv": fcd,
+        }
+    )
+    log_freq = np.log(k20.train_freq.clip(lower=1).to_numpy(float))
+    at_ref = curves[curves.sparsity == k_ref].set_index("class").rel_ap_change.reindex(classes)
+    result.figures.update(
+        {
+            "figures/forgettability_curves.png": figures.forgettability_curves(curves, k20, method),
+            "figures/k20_vs_frequency.png": figures.scatter_with_labels(
+                log_freq,
+                k20.k20,
+                classes,
+                xlabel="log training frequency",
+                ylabel="k20 (sparsity where AP has dropped 20 %)",
+                title=f"Forgetting threshold ({method})",
+            ),
+            "figures/ap_change_vs_frequency.png": figures.scatter_with_labels(
+                log_freq,
+                100 * at_ref.to_numpy(),
+                classes,
+                xlabel="log training frequency",
+                ylabel=f"relative AP change at sparsity {k_ref:g} (%)",
+                title=f"Damage by class ({method})",
+            ),
+            "figures/fcd.png": figures.fcd_scatter(fcd),
+        }
+    )
+    for row in correlations.itertuples():
+        seen = bool(row.spearman_rho > 0 and row.spearman_p < 0.05) if row.n >= 3 else None
+        claim = {
+            "k20": "rare classes are forgotten at lower sparsity (k20 rises with log frequency)"
+        }.get(
+            row.y,
+            f"rare classes lose more AP at sparsity {k_ref:g} (change rises with log frequency)",
+        )
+        result.findings.append(
+            (
+                claim,
+                seen,
+                f"Spearman ρ = {row.spearman_rho:.2f} (p = {row.spearman_p:.3g}), "
+                f"Pearson r = {row.pearson_r:.2f} (p = {row.pearson_p:.3g}), n = {row.n}",
+            )
+        )
+        result.numbers[f"spearman_{row.y}"] = row.spearman_rho
+    result.numbers["classes_forgotten_by_k_ref"] = float((k20.k20 <= k_ref).sum())
+
+
+def _pies(result: Analysis, preds, method: str, load_image) -> None:
+    k_ref = forgetting.reference_sparsity(preds.sparsities(method))
+    found = pies.find_pies(preds, method, k_ref)
+    is_pie = np.zeros(len(preds.labels), bool)
+    is_pie[found.row[found.is_pie]] = True
+    classes = preds.schema.classes
+    ratios = pies.class_ratios(preds.labels, is_pie, classes)
+    counts = pies.disease_count_ratios(preds.labels, is_pie, classes)
+    result.tables.update(
+        {
+            "tables/pies.csv": found[found.is_pie][["row", "image", "corr"]],
+            "tables/pie_class_ratios.csv": ratios,
+            "tables/pie_disease_counts.csv": counts,
+        }
+    )
+    result.figures["figures/pie_class_ratios.png"] = figures.ratio_bars(
+        ratios, "class", f"Labels among PIEs (k = {k_ref:g})"
+    )
+    result.figures["figures/pie_disease_counts.png"] = figures.ratio_bars(
+        counts, "n_findings", "Number of findings among PIEs"
+    )
+    rho = forgetting.correlate(
+        np.log(preds.train_counts.clip(min=1)), ratios.ratio.to_numpy(float), "", ""
+    )
+    result.findings.append(
+        (
+            "PIEs are enriched for rare classes (PIE ratio falls with log frequency)",
+            bool(rho["spearman_rho"] < 0 and rho["spearman_p"] < 0.05) if rho["n"] >= 3 else None,
+            f"Spearman ρ = {rho['spearman_rho']:.2f} (p = {rho['spearman_p']:.3g})",
+        )
+    )
+    multi = counts[counts.n_findings.isin(["2", "3", "4+"])]
+    pie_multi, other_multi = multi.pie_share.sum(), multi.other_share.sum()
+    result.findings.append(
+        (
+            "PIEs more often show several findings (2 or more)",
+            bool(pie_multi > other_multi),
+            f"{100 * pie_multi:.1f} % of PIEs vs {100 * other_multi:.1f} % of other images",
+        )
+    )
+    result.numbers.update({"n_pies": float(is_pie.sum()), "pie_multi_finding_share": pie_multi})
+    if load_image is not None:
+        rows = found[found.is_pie].row.to_numpy()[:GALLERY_SIZE]
+        captions = [
+            _caption(preds.labels[r], classes, found.set_index("row")["corr"][r]) for r in rows
+        ]
+        result.figures["figures/pie_gallery.png"] = figures.image_gallery(
+            [load_image(int(r)) for r in rows],
+            captions,
+            f"PIEs (lowest correlation first, k = {k_ref:g})",
+        )
+
+
+def _caption(labels: np.ndarray, classes, corr: float) -> str:
+    names = [classes[c] for c in np.flatnonzero(labels)]
+    return f"ρ={corr:.2f}\n" + "\n".join(names[:3]) + ("\n…" if len(names) > 3 else "")

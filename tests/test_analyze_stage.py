@@ -1,0 +1,114 @@
+"""The analyze stage end to end on a real sweep: the design's tables, figures, report.html."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from prunecxr import tracking
+from prunecxr.analysis.stage import analyze_sweep
+from prunecxr.sweep import CellSettings, load_source, run_sweep
+from prunecxr.train import run_training
+from tests.test_train import tiny_config
+
+pytestmark = pytest.mark.slow
+
+DESIGN_COLUMNS = {
+    "tables/forgettability.csv": ["class", "sparsity", "rel_ap_change"],
+    "tables/thresholds.csv": ["class", "train_freq", "k20"],
+    "tables/fcd.csv": ["class_a", "class_b", "fcd", "log_freq_diff", "iou"],
+    "tables/pies.csv": ["row", "image", "corr"],
+    "tables/correlations.csv": [
+        "x",
+        "y",
+        "n",
+        "pearson_r",
+        "pearson_p",
+        "spearman_rho",
+        "spearman_p",
+    ],
+}
+
+
+@pytest.fixture
+def analyzed(tiny_nih, cache_dir, mlflow_store) -> str:
+    tracking.use_experiment("prunecxr")
+    sources = []
+    for seed in (0, 1):
+        run_id = run_training(tiny_config(tiny_nih, cache_dir, max_epochs=1, seed=seed))
+        sources.append(load_source(f"runs:/{run_id}/model"))
+    settings = CellSettings(device="cpu", batch_size=64)
+    sweep_id = run_sweep(sources, ["l1", "random"], [0.0, 0.5, 0.9], settings)
+    return analyze_sweep(sweep_id)
+
+
+def _table(run_id: str, path: str) -> pd.DataFrame:
+    return pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))
+
+
+def test_analyze_logs_the_designs_tables(analyzed):
+    run = mlflow.get_run(analyzed)
+    assert run.data.tags["prunecxr.stage"] == "analyze"
+    for path, columns in DESIGN_COLUMNS.items():
+        assert list(_table(analyzed, path).columns) == columns, path
+    k20 = _table(analyzed, "tables/thresholds.csv")
+    assert len(k20) == 20 and (k20.train_freq > 0).all()
+    assert len(_table(analyzed, "tables/fcd.csv")) == 20 * 19 // 2
+    assert len(_table(analyzed, "tables/pies.csv")) == int(np.ceil(0.05 * 64))
+    curves = _table(analyzed, "tables/forgettability.csv")
+    assert (
+        set(curves.sparsity) == {0.0, 0.5, 0.9}
+        and (curves[curves.sparsity == 0].rel_ap_change == 0).all()
+    )
+
+
+def test_report_is_self_contained_and_renders(analyzed, tmp_path):
+    report = mlflow.artifacts.download_artifacts(run_id=analyzed, artifact_path="report.html")
+    text = open(report).read()
+    images = re.findall(r"src='data:image/png;base64,([^']+)'", text)
+    assert len(images) >= 9  # every figure inlined, no external files
+    assert "src='http" not in text and "appears" in text or "did not appear" in text
+    figures = {a.path for a in mlflow.MlflowClient().list_artifacts(analyzed, "figures")}
+    assert {
+        "figures/mean_ap_vs_sparsity.png",
+        "figures/forgettability_curves.png",
+        "figures/pie_gallery.png",
+        "figures/weight_magnitudes.png",
+    } <= figures
+    png = tmp_path / "figure.png"
+    png.write_bytes(base64.b64decode(images[0]))
+    assert Image.open(png).size[0] > 300
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("headless Chromium not installed (.ci/run installs it)")
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,2400",
+            f"file://{report}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.std() > 20  # text and figures, not a blank page

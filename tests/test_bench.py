@@ -1,0 +1,49 @@
+"""The sweep benchmark runs end to end and both ways agree (tiny sizes; numbers in docs/)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "sweep_throughput.py"
+
+
+@pytest.mark.slow
+def test_sweep_benchmark_agrees_and_reports_both_throughputs(tmp_path):
+    command = [
+        sys.executable,
+        str(BENCH),
+        "--arch",
+        "resnet18",
+        "--n-images",
+        "24",
+        "--source-size",
+        "64",
+        "--image-size",
+        "32",
+        "--sparsities",
+        "0,0.9",
+        "--batch-size",
+        "8",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--json",
+        str(tmp_path / "result.json"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "predictions agree" in result.stdout
+    numbers = json.loads((tmp_path / "result.json").read_text())
+    assert numbers["images"] == 24 and numbers["max_abs_prob_diff"] <= 1e-4
+    assert numbers["original_images_per_s"] > 0 and numbers["prunecxr_images_per_s"] > 0
+    assert numbers["speedup"] == pytest.approx(
+        numbers["prunecxr_images_per_s"] / numbers["original_images_per_s"]
+    )

@@ -1,0 +1,206 @@
+"""The prune and sweep stages end to end: runs, params, metrics, models, resumable sweeps."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from prunecxr import PrunecxrError, tracking
+from prunecxr.data import get_schema, load_split
+from prunecxr.evaluate import predict_logits, sigmoid
+from prunecxr.sweep import (
+    CELL_TAG,
+    CellSettings,
+    DataSettings,
+    load_source,
+    parse_sparsities,
+    run_sweep,
+)
+from prunecxr.train import run_training
+from tests.test_cli import prunecxr
+from tests.test_train import tiny_config
+
+NIH = get_schema("nih-cxr-lt")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def trained(tiny_nih, cache_dir, mlflow_store) -> str:
+    tracking.use_experiment("prunecxr")
+    return run_training(tiny_config(tiny_nih, cache_dir, max_epochs=1))
+
+
+def _children(parent_id: str) -> pd.DataFrame:
+    return mlflow.search_runs(
+        experiment_names=["prunecxr"], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    )
+
+
+def test_prune_defaults_to_the_newest_train_run_and_logs_a_complete_run(
+    trained, tiny_nih, cache_dir
+):
+    result = prunecxr("prune", "--method", "structured", "--sparsity", "0.7", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    run_id = result.stdout.split("prune run ")[1].split(":")[0]
+    run = MlflowClient().get_run(run_id)
+    assert run.data.tags["prunecxr.stage"] == "prune"
+    params = run.data.params
+    assert (params["method"], params["sparsity"], params["source_run_id"]) == (
+        "structured",
+        "0.7",
+        trained,
+    )
+    assert (params["dataset"], params["arch"], params["image_size"]) == (
+        "nih-cxr-lt",
+        "resnet18",
+        "32",
+    )
+    metrics = run.data.metrics
+    assert metrics["achieved_sparsity"] == pytest.approx(0.7, abs=0.01)
+    assert {"nonzero_params", "macs", "latency_ms_per_image", "test_mAUC", "test_ap_hernia"} <= set(
+        metrics
+    )
+    source_macs = MlflowClient().get_run(trained)  # the structured model is smaller and faster
+    assert metrics["macs"] < 0.7 * _dense_macs(source_macs.info.run_id)
+    # The structurally pruned model loads back with its smaller shapes and gives the logged predictions.
+    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    assert model.layer1[0].conv1.out_channels < 64
+    test = load_split(NIH, tiny_nih, tiny_nih, "test", 32, cache_dir=cache_dir)
+    probs = sigmoid(predict_logits(model, test.images, device=torch.device("cpu")))
+    logged = pd.read_parquet(
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="predictions.parquet")
+    )
+    np.testing.assert_allclose(logged[list(NIH.classes)].to_numpy(), probs, atol=1e-5)
+    per_class = pd.read_csv(
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="per_class_metrics.csv")
+    )
+    assert list(per_class["class"]) == list(NIH.classes)
+
+
+def _dense_macs(train_run_id: str) -> float:
+    from prunecxr.pruning import count_macs
+
+    model = mlflow.pytorch.load_model(f"runs:/{train_run_id}/model")
+    return count_macs(model, torch.zeros(1, 3, 32, 32))
+
+
+def test_prune_an_original_study_checkpoint_file(tiny_nih, tmp_path, mlflow_store):
+    from prunecxr.models import create_model
+
+    torch.save({"weights": create_model("resnet18", 20).state_dict()}, tmp_path / "chkpt.pt")
+    result = prunecxr(
+        "prune",
+        "--model-uri",
+        str(tmp_path / "chkpt.pt"),
+        "--arch",
+        "resnet18",
+        "--dataset",
+        "nih-cxr-lt",
+        "--data-dir",
+        str(tiny_nih),
+        "--image-size",
+        "32",
+        "--method",
+        "l1",
+        "--sparsity",
+        "0.5",
+        "--no-log-model",
+        "--device",
+        "cpu",
+    )
+    assert result.returncode == 0, result.stderr
+    runs = mlflow.search_runs(experiment_names=["prunecxr"])
+    assert runs["params.model_uri"].iloc[0] == str(tmp_path / "chkpt.pt")
+    assert runs["metrics.achieved_sparsity"].iloc[0] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_prune_without_any_train_run_says_how_to_make_one(mlflow_store):
+    result = prunecxr("prune", "--experiment", "empty")
+    assert result.returncode == 1
+    assert "no finished train run in experiment 'empty'" in result.stderr
+
+
+def test_sweep_runs_every_cell_and_resumes_after_an_interruption(trained, cache_dir):
+    source = load_source(f"runs:/{trained}/model", cache_dir=str(cache_dir))
+    settings = CellSettings(device="cpu", batch_size=64, log_model=False)
+    sparsities = [0.0, 0.5, 0.9]
+    sweep_id = run_sweep([source], ["l1", "random"], sparsities, settings)
+    children = _children(sweep_id)
+    assert len(children) == 6 and set(children.status) == {"FINISHED"}
+    assert set(children["tags.prunecxr.stage"]) == {"prune"}
+    assert sorted(children["params.sparsity"].astype(float)) == sorted(sparsities * 2)
+    dense = children[children["params.sparsity"] == "0.0"]
+    assert dense["metrics.test_mAUC"].nunique() == 1  # sparsity 0 is the same model for both
+
+    # What an interruption leaves: the sweep and the cell in progress killed, one cell missing.
+    client = MlflowClient()
+    killed = children.run_id.iloc[0]
+    client.set_terminated(killed, "KILLED")
+    client.delete_run(children.run_id.iloc[1])
+    client.set_terminated(sweep_id, "KILLED")
+    again = run_sweep([source], ["l1", "random"], sparsities, settings)
+    assert again == sweep_id  # the same sweep run continues
+    children = _children(sweep_id)
+    finished = children[children.status == "FINISHED"]
+    assert len(finished) == 6 and finished[f"tags.{CELL_TAG}"].nunique() == 6
+    assert len(children) == 7  # 5 kept + 2 redone (the killed one stays, as MLflow keeps it)
+    assert client.get_run(sweep_id).info.status == "FINISHED"
+
+
+def test_checkpoint_file_needs_data_settings(tmp_path):
+    torch.save({"weights": {}}, tmp_path / "chkpt.pt")
+    with pytest.raises(PrunecxrError, match="give --dataset, --data-dir"):
+        load_source(str(tmp_path / "chkpt.pt"))
+    assert DataSettings("nih-cxr-lt", "d", "d", 32).cache_dir
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("0:0.95:0.05", [round(0.05 * i, 6) for i in range(20)]), ("0.9,0,0.5,0.5", [0, 0.5, 0.9])],
+)
+def test_parse_sparsities(text, expected):
+    assert parse_sparsities(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0:1:0.5", "a,b", "0:0.9:0"])
+def test_bad_sparsities_are_refused(text):
+    with pytest.raises(PrunecxrError, match="bad sparsities"):
+        parse_sparsities(text)
+
+
+def test_mlflow_run_prune_entry_point_out_of_the_box(trained):
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+    from tests.test_cli import PROJECT_ROOT
+
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(PROJECT_ROOT),
+        "-e",
+        "prune",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "prunecxr",
+        "-P",
+        "sparsity=0.9",
+        "-P",
+        "device=cpu",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = mlflow.search_runs(
+        experiment_names=["prunecxr"], filter_string="tags.`prunecxr.stage` = 'prune'"
+    )
+    assert len(runs) == 1
+    assert runs["params.source_run_id"].iloc[0] == trained
+    assert runs["metrics.achieved_sparsity"].iloc[0] == pytest.approx(0.9, abs=1e-6)
