@@ -67,13 +67,8 @@ class CellSettings:
 
 
 def default_model_uri() -> str:
-    run_id = tracking.newest_finished_run_id("train")
-    if run_id is None:
-        raise PrunecxrError(
-            f"no finished train run in experiment {tracking.experiment_name()!r}; train one "
-            f"first (prunecxr train ...) or pass --model-uri"
-        )
-    return f"runs:/{run_id}/model"
+    hint = "train one first (prunecxr train ...) or pass --model-uri"
+    return f"runs:/{tracking.newest_finished_run_id('train', how_to_make_one=hint)}/model"
 
 
 def load_source(

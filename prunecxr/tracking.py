@@ -183,9 +183,14 @@ def model_run_id(model_uri: str) -> str | None:
         raise PrunecxrError(f"cannot find model {model_uri!r}: {error}") from None
 
 
-def newest_finished_run_id(stage: str) -> str | None:
+def newest_finished_run_id(stage: str, *, how_to_make_one: str) -> str:
+    """The newest finished `stage` run of the experiment; a clear error when there is none."""
     runs = _search(f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'")
-    return runs[0].info.run_id if runs else None
+    if not runs:
+        raise PrunecxrError(
+            f"no finished {stage} run in experiment {experiment_name()!r}; {how_to_make_one}"
+        )
+    return runs[0].info.run_id
 
 
 def find_unfinished_run_id(stage: str, tag: str, value: str) -> str | None:

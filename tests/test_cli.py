@@ -24,6 +24,26 @@ def prunecxr(*args: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+def mlflow_run(entry_point: str, experiment: str, **params) -> subprocess.CompletedProcess:
+    """`mlflow run` of this project's MLproject, as users run it without conda."""
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(PROJECT_ROOT),
+        "-e",
+        entry_point,
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        experiment,
+    ]
+    for name, value in params.items():
+        command += ["-P", f"{name}={value}"]
+    return subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=900)
+
+
 def test_help_lists_every_command():
     result = prunecxr("--help")
     assert result.returncode == 0
@@ -127,32 +147,17 @@ def test_demo_study_nests_one_train_run_per_seed(tmp_path, mlflow_store):
 
 @pytest.mark.slow
 def test_mlflow_run_train_entry_point(tiny_nih, tmp_path, mlflow_store):
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "run",
-        str(PROJECT_ROOT),
-        "-e",
+    result = mlflow_run(
         "train",
-        "--env-manager",
-        "local",
-        "--experiment-name",
         "mlproject",
-        "-P",
-        f"data_dir={tiny_nih}",
-        "-P",
-        "arch=resnet18",
-        "-P",
-        "image_size=32",
-        "-P",
-        "batch_size=32",
-        "-P",
-        "max_epochs=1",
-        "-P",
-        f"cache_dir={tmp_path / 'cache'}",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=900)
+        data_dir=tiny_nih,
+        arch="resnet18",
+        image_size=32,
+        batch_size=32,
+        max_epochs=1,
+        lr="1e-3",
+        cache_dir=tmp_path / "cache",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = mlflow.search_runs(experiment_names=["mlproject"])
     assert len(runs) == 1  # our code continued the run `mlflow run` created, no second run

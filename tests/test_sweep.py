@@ -173,30 +173,9 @@ def test_bad_sparsities_are_refused(text):
 
 
 def test_mlflow_run_prune_entry_point_out_of_the_box(trained):
-    import subprocess
-    import sys
+    from tests.test_cli import mlflow_run
 
-    from tests.conftest import cli_env
-    from tests.test_cli import PROJECT_ROOT
-
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "run",
-        str(PROJECT_ROOT),
-        "-e",
-        "prune",
-        "--env-manager",
-        "local",
-        "--experiment-name",
-        "prunecxr",
-        "-P",
-        "sparsity=0.9",
-        "-P",
-        "device=cpu",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=900)
+    result = mlflow_run("prune", "prunecxr", sparsity=0.9, device="cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = mlflow.search_runs(
         experiment_names=["prunecxr"], filter_string="tags.`prunecxr.stage` = 'prune'"

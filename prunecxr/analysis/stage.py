@@ -27,13 +27,8 @@ HISTOGRAM_SPARSITIES = (0.5, 0.9)
 
 
 def default_sweep_run_id() -> str:
-    run_id = tracking.newest_finished_run_id("sweep")
-    if run_id is None:
-        raise PrunecxrError(
-            f"no finished sweep run in experiment {tracking.experiment_name()!r}; run "
-            f"`prunecxr sweep` first, or pass --sweep-run-id or --preds-dir"
-        )
-    return run_id
+    hint = "run `prunecxr sweep` first, or pass --sweep-run-id or --preds-dir"
+    return tracking.newest_finished_run_id("sweep", how_to_make_one=hint)
 
 
 def analyze_sweep(sweep_run_id: str, *, cooccurrence_mode: str = "paper") -> str:
