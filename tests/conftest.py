@@ -122,5 +122,9 @@ def server_store(mlflow_server, tmp_path, monkeypatch) -> str:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    """Environment for a `prunecxr` subprocess: this interpreter's, plus `extra`."""
-    return {**os.environ, **extra}
+    """Environment for a subprocess: this interpreter's, plus `extra`, less the experiment and
+    run that mlflow.set_experiment() exported for children of this process."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")
+    }
+    return {**env, **extra}

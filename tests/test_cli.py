@@ -114,7 +114,7 @@ def test_synth_then_train_from_the_command_line(tmp_path, mlflow_store):
 
 
 @pytest.mark.slow
-def test_demo_study_nests_one_train_run_per_seed(tmp_path, mlflow_store):
+def test_demo_study_nests_train_sweep_and_analyze(tmp_path, mlflow_store):
     result = prunecxr(
         "study",
         "--demo-dir",
@@ -125,6 +125,10 @@ def test_demo_study_nests_one_train_run_per_seed(tmp_path, mlflow_store):
         "2",
         "--max-epochs",
         "1",
+        "--methods",
+        "l1,structured",
+        "--sparsities",
+        "0,0.9",
     )
     assert result.returncode == 0, result.stderr
     runs = mlflow.search_runs(experiment_names=["prunecxr"])
