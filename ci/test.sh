@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/setup.sh
 VENV="${PRUNECXR_VENV:-.venv}"
+export PATH="$(cd "$VENV/bin" && pwd):$PATH"  # as if activated: MLproject commands call `python`
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
 "$VENV/bin/python" -m pytest "$@"

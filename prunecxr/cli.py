@@ -328,7 +328,10 @@ def _cell_settings(settings: dict, log_model: bool):
     from prunecxr.sweep import CellSettings
 
     return CellSettings(
-        device=settings["device"], batch_size=settings["batch_size"], log_model=log_model
+        device=settings["device"],
+        batch_size=settings["batch_size"],
+        log_model=log_model,
+        num_workers=settings["num_workers"],
     )
 
 

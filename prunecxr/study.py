@@ -83,7 +83,11 @@ def run_study(config: StudyConfig) -> str:
         )
         train_ids = [run_training(dataclasses.replace(config.train, seed=s)) for s in config.seeds]
         sources = [load_source(f"runs:/{run_id}/model") for run_id in train_ids]
-        settings = CellSettings(device=config.train.device, batch_size=config.train.batch_size)
+        settings = CellSettings(
+            device=config.train.device,
+            batch_size=config.train.batch_size,
+            num_workers=config.train.num_workers,
+        )
         sweep_id = run_sweep(sources, list(config.methods), list(config.sparsities), settings)
         analyze_sweep(sweep_id)
     return study_id

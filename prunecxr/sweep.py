@@ -64,6 +64,7 @@ class CellSettings:
     device: str = "auto"
     batch_size: int = 256
     log_model: bool = False  # sweeps keep only metrics and predictions per cell
+    num_workers: int = 0  # processes decoding images if the test-set cache must be built
 
 
 def default_model_uri() -> str:
@@ -106,7 +107,7 @@ def load_source(
     return ModelSource(uri, None, arch, 0, "checkpoint", fallback, model)
 
 
-def load_test_split(data: DataSettings) -> SplitData:
+def load_test_split(data: DataSettings, num_workers: int = 0) -> SplitData:
     """The cached test split, read fully into memory once."""
     split = load_split(
         get_schema(data.dataset),
@@ -115,6 +116,7 @@ def load_test_split(data: DataSettings) -> SplitData:
         "test",
         data.image_size,
         cache_dir=Path(data.cache_dir),
+        num_workers=num_workers,
     )
     return SplitData(split.image_ids, np.array(split.images), split.labels)
 
@@ -249,7 +251,14 @@ def run_prune(
     finetune: Finetune = Finetune(),
 ) -> str:
     """The prune stage: one cell as its own prune run."""
-    return run_cell(source, method, sparsity, load_test_split(source.data), settings, finetune)
+    return run_cell(
+        source,
+        method,
+        sparsity,
+        load_test_split(source.data, settings.num_workers),
+        settings,
+        finetune,
+    )
 
 
 def run_sweep(
@@ -288,7 +297,7 @@ def run_sweep(
         tests: dict[DataSettings, SplitData] = {}
         for source, method, sparsity in tqdm(todo, desc="sweep", unit="cell"):
             if source.data not in tests:
-                tests[source.data] = load_test_split(source.data)
+                tests[source.data] = load_test_split(source.data, settings.num_workers)
             run_cell(source, method, sparsity, tests[source.data], settings, finetune)
     return sweep_id
 
