@@ -3,86 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 from pathlib import Path
 
 import click
 
 from prunecxr import PrunecxrError
-
-DATASETS = ("nih-cxr-lt", "mimic-cxr-lt")
-
-
-def _options(*decorators):
-    """Stack several click options into one decorator, so each option is defined once."""
-
-    def apply(function):
-        return functools.reduce(lambda f, option: option(f), reversed(decorators), function)
-
-    return apply
-
-
-experiment_option = click.option(
-    "--experiment", default="prunecxr", show_default=True, help="MLflow experiment name."
-)
-seed_option = click.option("--seed", default=0, show_default=True, help="Random seed.")
-device_option = click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
-dataset_option = click.option(
-    "--dataset", type=click.Choice(DATASETS), default="nih-cxr-lt", show_default=True
-)
-data_options = _options(
+from prunecxr.cli_settings import (
+    cache_override,
+    cell_settings,
+    data_options,
     dataset_option,
-    click.option(
-        "--data-dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        help="Directory the label files' image column is relative to.",
-    ),
-    click.option(
-        "--label-dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        help="Directory with miccai2023_<dataset>_labels_{train,val,test}.csv [default: --data-dir].",
-    ),
-    click.option(
-        "--cache-dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        help="Where decoded images are cached [default: $PRUNECXR_CACHE or ~/.cache/prunecxr].",
-    ),
-    click.option(
-        "--num-workers",
-        default=0,
-        show_default=True,
-        help="Processes decoding images for the cache.",
-    ),
-)
-arch_option = click.option(
-    "--arch",
-    type=click.Choice(["resnet18", "resnet34", "resnet50"]),
-    default="resnet50",
-    show_default=True,
-)
-image_size_option = click.option(
-    "--image-size", default=256, show_default=True, help="Images are resized to S x S."
-)
-model_options = _options(
-    arch_option,
-    click.option(
-        "--pretrained",
-        help="imagenet | none | PATH to a weights file [default: imagenet; none for synthetic data].",
-    ),
-    image_size_option,
-)
-batch_size_option = click.option("--batch-size", default=256, show_default=True)
-lr_option = click.option("--lr", default=1e-4, show_default=True, help="Adam learning rate.")
-optimization_options = _options(
-    batch_size_option,
-    lr_option,
-    click.option("--max-epochs", default=60, show_default=True),
-    click.option(
-        "--patience", default=15, show_default=True, help="Early stopping on validation loss."
-    ),
+    device_option,
+    experiment_option,
+    finetune_settings,
+    given_on_command_line,
+    load_source_from_settings,
+    model_options,
+    optimization_options,
+    parse_methods,
+    seed_option,
+    source_options,
+    train_config,
 )
 
 
@@ -135,36 +77,11 @@ def train(resume_run_id, experiment, **settings) -> None:
     if resume_run_id:
         overrides = {key: settings[key] for key in ("max_epochs", "device", "num_workers")}
         run_id = resume_training(
-            resume_run_id, **overrides, **_cache_override(settings["cache_dir"])
+            resume_run_id, **overrides, **cache_override(settings["cache_dir"])
         )
     else:
-        run_id = run_training(_train_config(**settings))
+        run_id = run_training(train_config(**settings))
     click.echo(f"train run {run_id}: model at runs:/{run_id}/model")
-
-
-def _cache_override(cache_dir: Path | None) -> dict:
-    return {"cache_dir": str(cache_dir)} if cache_dir else {}
-
-
-def _train_config(*, data_dir, label_dir, pretrained, cache_dir, **settings):
-    from prunecxr.train import TrainConfig, default_pretrained
-
-    if data_dir is None:
-        raise PrunecxrError("--data-dir is required (see `prunecxr synth` for synthetic data)")
-    return TrainConfig(
-        data_dir=str(data_dir),
-        label_dir=str(label_dir or data_dir),
-        pretrained=pretrained or default_pretrained(data_dir),
-        **settings,
-        **_cache_override(cache_dir),
-    )
-
-
-def _given_on_command_line(settings: dict) -> dict:
-    """The settings the user typed (not click defaults), to override the demo's own."""
-    context = click.get_current_context()
-    typed = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
-    return {k: v for k, v in settings.items() if context.get_parameter_source(k) in typed}
 
 
 @cli.command()
@@ -196,38 +113,21 @@ def study(demo_dir, seeds, methods, sparsities, experiment, **settings) -> None:
     tracking.use_experiment(experiment)
     if settings["data_dir"] is None:
         ensure_demo_data(demo_dir, settings["dataset"])
-        overrides = _given_on_command_line(settings)
-        overrides.update(_cache_override(overrides.pop("cache_dir", None)))
+        overrides = given_on_command_line(settings)
+        overrides.update(cache_override(overrides.pop("cache_dir", None)))
         for key in ("dataset", "data_dir", "label_dir"):
             overrides.pop(key, None)
         config = demo_config(demo_dir, settings["dataset"], **overrides)
     else:
-        config = StudyConfig(_train_config(**settings, seed=0))
+        config = StudyConfig(train_config(**settings, seed=0))
     if seeds is not None:
         config = dataclasses.replace(config, seeds=tuple(range(seeds)))
     if methods is not None:
-        config = dataclasses.replace(config, methods=tuple(_parse_methods(methods)))
+        config = dataclasses.replace(config, methods=tuple(parse_methods(methods)))
     if sparsities is not None:
         config = dataclasses.replace(config, sparsities=tuple(parse_sparsities(sparsities)))
     study_id = run_study(config)
     click.echo(f"study run {study_id}; see it with: mlflow ui  (then open http://127.0.0.1:5000)")
-
-
-source_options = _options(
-    data_options,
-    arch_option,
-    image_size_option,
-    click.option(
-        "--finetune-epochs",
-        default=0,
-        show_default=True,
-        help="Fine-tune after pruning (paper: 0).",
-    ),
-    lr_option,
-    batch_size_option,
-    device_option,
-    experiment_option,
-)
 
 
 @cli.command()
@@ -254,9 +154,9 @@ def prune(model_uri, method, sparsity, log_model, experiment, **settings) -> Non
     from prunecxr.sweep import default_model_uri, run_prune
 
     tracking.use_experiment(experiment)
-    source = _load_source(model_uri or default_model_uri(), settings)
+    source = load_source_from_settings(model_uri or default_model_uri(), settings)
     run_id = run_prune(
-        source, method, sparsity, _cell_settings(settings, log_model), _finetune(settings)
+        source, method, sparsity, cell_settings(settings, log_model), finetune_settings(settings)
     )
     click.echo(
         f"prune run {run_id}: model at runs:/{run_id}/model" if log_model else f"prune run {run_id}"
@@ -285,60 +185,17 @@ def sweep(model_uris, methods, sparsities, log_models, experiment, **settings) -
     from prunecxr.sweep import default_model_uri, parse_sparsities, run_sweep
 
     tracking.use_experiment(experiment)
-    method_list = _parse_methods(methods)
+    method_list = parse_methods(methods)
     uris = [u for given in model_uris for u in given.split(",") if u] or [default_model_uri()]
-    sources = [_load_source(uri, settings) for uri in uris]
+    sources = [load_source_from_settings(uri, settings) for uri in uris]
     sweep_id = run_sweep(
         sources,
         method_list,
         parse_sparsities(sparsities),
-        _cell_settings(settings, log_models),
-        _finetune(settings),
+        cell_settings(settings, log_models),
+        finetune_settings(settings),
     )
     click.echo(f"sweep run {sweep_id}")
-
-
-def _parse_methods(text: str) -> list[str]:
-    from prunecxr.pruning import METHODS
-
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise PrunecxrError(f"unknown method(s) {unknown or text!r}; valid: {', '.join(METHODS)}")
-    return methods
-
-
-def _load_source(uri: str, settings: dict):
-    from prunecxr.sweep import DataSettings, load_source
-
-    fallback = None
-    if settings["data_dir"] is not None:
-        fallback = DataSettings(
-            settings["dataset"],
-            str(settings["data_dir"]),
-            str(settings["label_dir"] or settings["data_dir"]),
-            settings["image_size"],
-            **_cache_override(settings["cache_dir"]),
-        )
-    cache_dir = str(settings["cache_dir"]) if settings["cache_dir"] else None
-    return load_source(uri, fallback=fallback, arch=settings["arch"], cache_dir=cache_dir)
-
-
-def _cell_settings(settings: dict, log_model: bool):
-    from prunecxr.sweep import CellSettings
-
-    return CellSettings(
-        device=settings["device"],
-        batch_size=settings["batch_size"],
-        log_model=log_model,
-        num_workers=settings["num_workers"],
-    )
-
-
-def _finetune(settings: dict):
-    from prunecxr.sweep import Finetune
-
-    return Finetune(settings["finetune_epochs"], settings["lr"], settings["batch_size"])
 
 
 @cli.command()

@@ -1,0 +1,171 @@
+"""Options shared by several `prunecxr` commands (each defined once) and the small adapters
+that turn the flat option values into the library's explicit arguments."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+from prunecxr import PrunecxrError
+from prunecxr.data.schemas import SCHEMAS
+
+DATASETS = tuple(SCHEMAS)
+
+
+def stack_options(*decorators):
+    """Stack several click options into one decorator, so each option is defined once."""
+
+    def apply(function):
+        return functools.reduce(lambda f, option: option(f), reversed(decorators), function)
+
+    return apply
+
+
+experiment_option = click.option(
+    "--experiment", default="prunecxr", show_default=True, help="MLflow experiment name."
+)
+seed_option = click.option("--seed", default=0, show_default=True, help="Random seed.")
+device_option = click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+dataset_option = click.option(
+    "--dataset", type=click.Choice(DATASETS), default="nih-cxr-lt", show_default=True
+)
+data_options = stack_options(
+    dataset_option,
+    click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Directory the label files' image column is relative to.",
+    ),
+    click.option(
+        "--label-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Directory with miccai2023_<dataset>_labels_{train,val,test}.csv [default: --data-dir].",
+    ),
+    click.option(
+        "--cache-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Where decoded images are cached [default: $PRUNECXR_CACHE or ~/.cache/prunecxr].",
+    ),
+    click.option(
+        "--num-workers",
+        default=0,
+        show_default=True,
+        help="Processes decoding images for the cache.",
+    ),
+)
+arch_option = click.option(
+    "--arch",
+    type=click.Choice(["resnet18", "resnet34", "resnet50"]),
+    default="resnet50",
+    show_default=True,
+)
+image_size_option = click.option(
+    "--image-size", default=256, show_default=True, help="Images are resized to S x S."
+)
+model_options = stack_options(
+    arch_option,
+    click.option(
+        "--pretrained",
+        help="imagenet | none | PATH to a weights file [default: imagenet; none for synthetic data].",
+    ),
+    image_size_option,
+)
+batch_size_option = click.option("--batch-size", default=256, show_default=True)
+lr_option = click.option("--lr", default=1e-4, show_default=True, help="Adam learning rate.")
+optimization_options = stack_options(
+    batch_size_option,
+    lr_option,
+    click.option("--max-epochs", default=60, show_default=True),
+    click.option(
+        "--patience", default=15, show_default=True, help="Early stopping on validation loss."
+    ),
+)
+
+
+source_options = stack_options(
+    data_options,
+    arch_option,
+    image_size_option,
+    click.option(
+        "--finetune-epochs",
+        default=0,
+        show_default=True,
+        help="Fine-tune after pruning (paper: 0).",
+    ),
+    lr_option,
+    batch_size_option,
+    device_option,
+    experiment_option,
+)
+
+
+def cache_override(cache_dir: Path | None) -> dict:
+    return {"cache_dir": str(cache_dir)} if cache_dir else {}
+
+
+def train_config(*, data_dir, label_dir, pretrained, cache_dir, **settings):
+    from prunecxr.train import TrainConfig, default_pretrained
+
+    if data_dir is None:
+        raise PrunecxrError("--data-dir is required (see `prunecxr synth` for synthetic data)")
+    return TrainConfig(
+        data_dir=str(data_dir),
+        label_dir=str(label_dir or data_dir),
+        pretrained=pretrained or default_pretrained(data_dir),
+        **settings,
+        **cache_override(cache_dir),
+    )
+
+
+def given_on_command_line(settings: dict) -> dict:
+    """The settings the user typed (not click defaults), to override the demo's own."""
+    context = click.get_current_context()
+    typed = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    return {k: v for k, v in settings.items() if context.get_parameter_source(k) in typed}
+
+
+def parse_methods(text: str) -> list[str]:
+    from prunecxr.pruning import METHODS
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise PrunecxrError(f"unknown method(s) {unknown or text!r}; valid: {', '.join(METHODS)}")
+    return methods
+
+
+def load_source_from_settings(uri: str, settings: dict):
+    from prunecxr.sweep import DataSettings, load_source
+
+    fallback = None
+    if settings["data_dir"] is not None:
+        fallback = DataSettings(
+            settings["dataset"],
+            str(settings["data_dir"]),
+            str(settings["label_dir"] or settings["data_dir"]),
+            settings["image_size"],
+            **cache_override(settings["cache_dir"]),
+        )
+    cache_dir = str(settings["cache_dir"]) if settings["cache_dir"] else None
+    return load_source(uri, fallback=fallback, arch=settings["arch"], cache_dir=cache_dir)
+
+
+def cell_settings(settings: dict, log_model: bool):
+    from prunecxr.sweep import CellSettings
+
+    return CellSettings(
+        device=settings["device"],
+        batch_size=settings["batch_size"],
+        log_model=log_model,
+        num_workers=settings["num_workers"],
+    )
+
+
+def finetune_settings(settings: dict):
+    from prunecxr.sweep import Finetune
+
+    return Finetune(settings["finetune_epochs"], settings["lr"], settings["batch_size"])
