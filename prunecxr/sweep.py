@@ -5,6 +5,7 @@ read once; every cell starts from an in-memory copy."""
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import time
 from dataclasses import dataclass
@@ -107,17 +108,23 @@ def load_source(
     return ModelSource(uri, None, arch, 0, "checkpoint", fallback, model)
 
 
-def load_test_split(data: DataSettings, num_workers: int = 0) -> SplitData:
-    """The cached test split, read fully into memory once."""
-    split = load_split(
+@functools.lru_cache(maxsize=8)
+def load_data_split(data: DataSettings, split: str, num_workers: int = 0) -> SplitData:
+    """A split of the source model's data (memory-mapped cache), opened once per process."""
+    return load_split(
         get_schema(data.dataset),
         Path(data.data_dir),
         Path(data.label_dir),
-        "test",
+        split,
         data.image_size,
         cache_dir=Path(data.cache_dir),
         num_workers=num_workers,
     )
+
+
+def load_test_split(data: DataSettings, num_workers: int = 0) -> SplitData:
+    """The cached test split, read fully into memory."""
+    split = load_data_split(data, "test", num_workers)
     return SplitData(split.image_ids, np.array(split.images), split.labels)
 
 
@@ -223,15 +230,7 @@ def _finetune(model: nn.Module, source: ModelSource, finetune: Finetune, device)
     from prunecxr.pruning import zeros_stay_zero
     from prunecxr.train import finetune_model
 
-    data = source.data
-    train = load_split(
-        get_schema(data.dataset),
-        Path(data.data_dir),
-        Path(data.label_dir),
-        "train",
-        data.image_size,
-        cache_dir=Path(data.cache_dir),
-    )
+    train = load_data_split(source.data, "train")
     with zeros_stay_zero(model):
         finetune_model(
             model,
@@ -287,7 +286,7 @@ def run_sweep(
                     "finetune_epochs": finetune.epochs,
                 }
             )
-        done = tracking.finished_child_tags(sweep_id, CELL_TAG) if resume_id else set()
+        done = tracking.finished_child_tags(sweep_id, "prune", CELL_TAG) if resume_id else set()
         cells = [(s, m, k) for s in sources for m in methods for k in sparsities]
         todo = [cell for cell in cells if cell_key(*cell) not in done]
         if resume_id:

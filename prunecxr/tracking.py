@@ -106,16 +106,9 @@ def log_table(frame: pd.DataFrame, artifact_file: str) -> None:
         mlflow.log_artifact(str(path), _artifact_dir(artifact_file))
 
 
-def log_file(path: Path, artifact_file: str) -> None:
-    """Log a local file under the name `artifact_file` (replacing an earlier one)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / Path(artifact_file).name
-        os.link(path, target) if _same_device(path, tmp) else target.write_bytes(path.read_bytes())
-        mlflow.log_artifact(str(target), _artifact_dir(artifact_file))
-
-
-def _same_device(path: Path, directory: str) -> bool:
-    return os.stat(path).st_dev == os.stat(directory).st_dev
+def log_file(path: Path, artifact_dir: str) -> None:
+    """Log a local file into `artifact_dir`, replacing an earlier file of the same name."""
+    mlflow.log_artifact(str(path), artifact_dir)
 
 
 def _artifact_dir(artifact_file: str) -> str | None:
@@ -200,10 +193,10 @@ def find_unfinished_run_id(stage: str, tag: str, value: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def finished_child_tags(parent_run_id: str, tag: str) -> set[str]:
-    """Values of `tag` on the finished children of `parent_run_id`."""
-    query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'FINISHED'"
-    return {run.data.tags[tag] for run in _search(query) if tag in run.data.tags}
+def finished_child_tags(parent_run_id: str, stage: str, tag: str) -> set[str]:
+    """Values of `tag` on the finished `stage` runs directly under `parent_run_id`."""
+    runs = _finished_child_runs(parent_run_id, stage)
+    return {run.data.tags[tag] for run in runs if tag in run.data.tags}
 
 
 def _search(query: str) -> list:
@@ -224,11 +217,17 @@ def _search(query: str) -> list:
 
 def finished_children(parent_run_id: str, stage: str) -> list[tuple[str, dict[str, str]]]:
     """(run id, params) of the finished `stage` runs directly under `parent_run_id`."""
-    query = (
+    return [
+        (run.info.run_id, dict(run.data.params))
+        for run in _finished_child_runs(parent_run_id, stage)
+    ]
+
+
+def _finished_child_runs(parent_run_id: str, stage: str) -> list:
+    return _search(
         f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{STAGE_TAG}` = '{stage}' "
         f"and attributes.status = 'FINISHED'"
     )
-    return [(run.info.run_id, dict(run.data.params)) for run in _search(query)]
 
 
 def read_table(run_id: str, artifact_file: str) -> pd.DataFrame:

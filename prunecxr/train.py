@@ -3,7 +3,6 @@ early stopping on validation loss keeping the best weights, a checkpoint every e
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import tempfile
 import time
@@ -33,7 +32,8 @@ from prunecxr.evaluate import (
 )
 from prunecxr.models import create_model
 
-CHECKPOINT_ARTIFACT = "checkpoints/last.pt"
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/last.pt"
 
 
 @dataclass(frozen=True)
@@ -165,9 +165,9 @@ def fit(state: TrainState, config: TrainConfig, splits: dict, classes, on_epoch_
         state.epoch += 1
         if val_loss < state.best_val_loss:
             state.best_val_loss, state.epochs_since_best = val_loss, 0
-            state.best_weights = copy.deepcopy(
-                {k: v.cpu() for k, v in state.model.state_dict().items()}
-            )
+            state.best_weights = {
+                k: v.detach().to("cpu", copy=True) for k, v in state.model.state_dict().items()
+            }
         else:
             state.epochs_since_best += 1
         state.history.append(
@@ -250,7 +250,7 @@ def _log_epoch(state: TrainState, config: TrainConfig, tmp: Path) -> None:
     )
     path = tmp / "last.pt"
     torch.save(state.checkpoint(config), path)
-    tracking.log_file(path, CHECKPOINT_ARTIFACT)
+    tracking.log_file(path, CHECKPOINT_DIR)
 
 
 def _log_final(state: TrainState, config: TrainConfig, test: SplitData, classes, device) -> None:

@@ -183,3 +183,17 @@ def test_mlflow_run_prune_entry_point_out_of_the_box(trained):
     assert len(runs) == 1
     assert runs["params.source_run_id"].iloc[0] == trained
     assert runs["metrics.achieved_sparsity"].iloc[0] == pytest.approx(0.9, abs=1e-6)
+
+
+def test_finetuning_after_unstructured_pruning_keeps_the_sparsity(trained, cache_dir):
+    from prunecxr.sweep import Finetune, run_prune
+
+    source = load_source(f"runs:/{trained}/model", cache_dir=str(cache_dir))
+    settings = CellSettings(device="cpu", batch_size=64)
+    run_id = run_prune(source, "l1", 0.5, settings, Finetune(epochs=1, lr=1e-3, batch_size=32))
+    run = MlflowClient().get_run(run_id)
+    assert run.data.params["finetune_epochs"] == "1"
+    assert run.data.metrics["achieved_sparsity"] == pytest.approx(0.5, abs=1e-6)
+    untuned = run_prune(source, "l1", 0.5, settings)
+    untuned_auc = MlflowClient().get_run(untuned).data.metrics["test_mAUC"]
+    assert run.data.metrics["test_mAUC"] != untuned_auc  # fine-tuning changed the weights
