@@ -45,7 +45,9 @@ def normalize(name: str) -> str:
 
 
 def main() -> None:
-    installed = {normalize(dist.metadata["Name"]): dist.version for dist in metadata.distributions()}
+    installed = {
+        normalize(dist.metadata["Name"]): dist.version for dist in metadata.distributions()
+    }
     print(HEADER)
     for name in sorted(runtime_closure()):
         if not from_base_image(name):

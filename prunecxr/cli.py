@@ -90,7 +90,7 @@ def train(resume_run_id, experiment, **settings) -> None:
     "--demo-dir",
     default="prunecxr-demo",
     show_default=True,
-    type=click.Path(path_type=Path),
+    type=click.Path(resolve_path=True, path_type=Path),
     help="Where the demo's synthetic data is written when no --data-dir is given.",
 )
 @model_options
@@ -127,7 +127,7 @@ def study(demo_dir, seeds, methods, sparsities, experiment, **settings) -> None:
     if sparsities is not None:
         config = dataclasses.replace(config, sparsities=tuple(parse_sparsities(sparsities)))
     study_id = run_study(config)
-    click.echo(f"study run {study_id}; see it with: mlflow ui  (then open http://127.0.0.1:5000)")
+    click.echo(f"study run {study_id}; see it with: {tracking.where_to_browse(study_id)}")
 
 
 @cli.command()

@@ -37,12 +37,12 @@ data_options = stack_options(
     dataset_option,
     click.option(
         "--data-dir",
-        type=click.Path(file_okay=False, path_type=Path),
+        type=click.Path(file_okay=False, resolve_path=True, path_type=Path),
         help="Directory the label files' image column is relative to.",
     ),
     click.option(
         "--label-dir",
-        type=click.Path(file_okay=False, path_type=Path),
+        type=click.Path(file_okay=False, resolve_path=True, path_type=Path),
         help="Directory with miccai2023_<dataset>_labels_{train,val,test}.csv [default: --data-dir].",
     ),
     click.option(

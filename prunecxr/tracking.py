@@ -160,6 +160,15 @@ def get_run(run_id: str):
         ) from None
 
 
+def where_to_browse(run_id: str) -> str:
+    """The run's page on a tracking server, or the `mlflow ui` command for a local store."""
+    uri = mlflow.get_tracking_uri()
+    page = f"#/experiments/{get_run(run_id).info.experiment_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000/{page})"
+
+
 def run_stage(run) -> str | None:
     return run.data.tags.get(STAGE_TAG)
 

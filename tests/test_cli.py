@@ -92,7 +92,7 @@ def test_synth_then_train_from_the_command_line(tmp_path, mlflow_store):
         "--dataset",
         "mimic-cxr-lt",
         "--data-dir",
-        str(data),
+        "data",  # relative to the working directory (mlflow_store's tmp_path)
         "--arch",
         "resnet18",
         "--image-size",
@@ -110,6 +110,7 @@ def test_synth_then_train_from_the_command_line(tmp_path, mlflow_store):
     run_id = result.stdout.split("train run ")[1].split(":")[0]
     run = MlflowClient().get_run(run_id)
     assert run.data.params["pretrained"] == "none"  # synthetic data: no ImageNet download
+    assert run.data.params["data_dir"] == str(data)  # recorded absolute, usable from anywhere
     assert mlflow.get_experiment(run.info.experiment_id).name == "cli"
 
 
@@ -133,6 +134,7 @@ def test_demo_study_nests_train_sweep_and_analyze(tmp_path, mlflow_store):
     assert result.returncode == 0, result.stderr
     runs = mlflow.search_runs(experiment_names=["prunecxr"])
     study = runs[runs["tags.prunecxr.stage"] == "study"]
+    assert f"mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}" in result.stdout
     trains = runs[runs["tags.prunecxr.stage"] == "train"]
     assert len(study) == 1 and len(trains) == 2
     assert set(trains["tags.mlflow.parentRunId"]) == {study.run_id.iloc[0]}

@@ -1,0 +1,235 @@
+"""The Docker image and the compose stack, for real: a Docker daemon builds and runs them.
+
+The images are built by ci/docker/build.sh on local stand-in base images (public registries are
+unreachable here; building them needs root and debootstrap). Opt in with PRUNECXR_DOCKER_TESTS=1
+and a running daemon (`bash ci/docker/daemon.sh`); .ci/run does both.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import _free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = "prunecxr:ci"
+TINY_STUDY = (
+    "study",
+    "--seeds",
+    "1",
+    "--max-epochs",
+    "1",
+    "--methods",
+    "l1",
+    "--sparsities",
+    "0,0.9",
+)
+STUDY_STAGES = ["analyze", "prune", "prune", "study", "sweep", "train"]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.environ.get("PRUNECXR_DOCKER_TESTS") != "1",
+        reason="set PRUNECXR_DOCKER_TESTS=1 with dockerd running (bash ci/docker/daemon.sh)",
+    ),
+]
+
+
+def run(
+    *command: str, env: dict | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def compose_command() -> list[str]:
+    """Compose v2 (`docker compose`) where installed, else v1 (`docker-compose`)."""
+    if run("docker", "compose", "version").returncode == 0:
+        return ["docker", "compose"]
+    return ["docker-compose"]
+
+
+@pytest.fixture(scope="module")
+def images() -> None:
+    build = run("bash", "ci/docker/build.sh", timeout=3600)
+    assert build.returncode == 0, build.stdout + build.stderr
+
+
+def writable_outputs(tmp_path: Path) -> Path:
+    """A host folder the image's non-root user can write (it is bind-mounted at /outputs)."""
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    outputs.chmod(0o777)
+    return outputs
+
+
+def runs_by_stage(client: MlflowClient, experiment: str) -> dict[str, list]:
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    by_stage: dict[str, list] = {}
+    for found in client.search_runs([experiment_id]):
+        by_stage.setdefault(found.data.tags["prunecxr.stage"], []).append(found)
+    return by_stage
+
+
+def assert_tiny_study_logged(client: MlflowClient, experiment: str) -> dict[str, list]:
+    by_stage = runs_by_stage(client, experiment)
+    assert sorted(s for s, found in by_stage.items() for _ in found) == STUDY_STAGES
+    assert {found.info.status for runs in by_stage.values() for found in runs} == {"FINISHED"}
+    analyze = by_stage["analyze"][0].info.run_id
+    assert "report.html" in [a.path for a in client.list_artifacts(analyze)]
+    return by_stage
+
+
+def test_image_help_runs_as_non_root_user(images):
+    result = run("docker", "run", "--rm", IMAGE, "--help")
+    assert result.returncode == 0, result.stderr
+    for command in ("synth", "train", "prune", "sweep", "analyze", "study"):
+        assert command in result.stdout
+    uid = run("docker", "run", "--rm", "--entrypoint", "id", IMAGE, "-u")
+    assert uid.returncode == 0 and uid.stdout.strip() != "0"
+
+
+def test_image_study_and_mlflow_run_log_to_host_tracking_server(images, mlflow_server, tmp_path):
+    outputs = writable_outputs(tmp_path)
+    docker_run = ["docker", "run", "--rm", "--network", "host", "-v", f"{outputs}:/outputs"]
+    docker_run += ["-e", f"MLFLOW_TRACKING_URI={mlflow_server}"]
+    study = run(*docker_run, IMAGE, *TINY_STUDY, "--experiment", "docker-image")
+    assert study.returncode == 0, study.stderr[-3000:]
+    assert f"{mlflow_server}/#/experiments/" in study.stdout  # where to see it: the server
+    client = MlflowClient(mlflow_server)
+    by_stage = assert_tiny_study_logged(client, "docker-image")
+    train = by_stage["train"][0]
+    assert train.data.params["data_dir"] == "/outputs/prunecxr-demo"  # written by the container
+
+    # The image's MLproject through `mlflow run --env-manager local`: prunes the study's model.
+    mlflow_run = [*docker_run, "--entrypoint", "mlflow", IMAGE, "run", "/opt/prunecxr"]
+    mlflow_run += ["-e", "prune", "--env-manager", "local", "--experiment-name", "docker-image"]
+    pruned = run(*mlflow_run, "-P", "sparsity=0.5", "-P", "method=random")
+    assert pruned.returncode == 0, pruned.stderr[-3000:]
+    prune_runs = runs_by_stage(client, "docker-image")["prune"]
+    new = [r for r in prune_runs if r.data.params["method"] == "random"]
+    assert len(prune_runs) == 3 and len(new) == 1
+    assert new[0].data.params["source_run_id"] == train.info.run_id
+    assert new[0].data.metrics["achieved_sparsity"] == pytest.approx(0.5, abs=0.001)
+
+
+@dataclass
+class Stack:
+    url: str
+    compose: list[str]
+    env: dict[str, str]
+    admin_password: str
+
+
+@pytest.fixture
+def stack(images, tmp_path):
+    """`docker compose up tracking` with fresh credentials; torn down (volumes too) afterwards."""
+    admin_password = secrets.token_hex(12)
+    env_file = tmp_path / "env.tracking"
+    text = (ROOT / ".env.tracking.example").read_text()
+    text = text.replace("change-me-admin-password", admin_password)
+    text = text.replace("change-me-db-password", secrets.token_hex(12))
+    env_file.write_text(text.replace("change-me-secret-key", secrets.token_hex(32)))
+    port = _free_port()
+    env = {
+        **os.environ,
+        "TRACKING_ENV_FILE": str(env_file),
+        "TRACKING_PORT": str(port),
+        "POSTGRES_IMAGE": "prunecxr-ci/postgres:15",
+        "TRACKING_IMAGE": "prunecxr-tracking:ci",
+        "PRUNECXR_IMAGE": IMAGE,
+    }
+    project = f"prunecxr-test-{os.getpid()}"
+    compose = [*compose_command(), "-p", project, "-f", str(ROOT / "docker-compose.yml")]
+    try:
+        up = run(*compose, "up", "-d", "tracking", env=env)
+        assert up.returncode == 0, up.stderr
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(url, compose, env)
+        yield Stack(url, compose, env, admin_password)
+    finally:
+        run(*compose, "down", "--volumes", "--remove-orphans", env=env)
+
+
+def wait_until_healthy(url: str, compose: list[str], env: dict, timeout: float = 180) -> None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with opener.open(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    logs = run(*compose, "logs", "--tail", "40", env=env).stdout
+    raise AssertionError(f"tracking server not healthy after {timeout} s:\n{logs}")
+
+
+def api_status(url: str, user: str | None = None, password: str | None = None) -> int:
+    """HTTP status of an API request with the given basic-auth credentials (or none)."""
+    handlers: list = [urllib.request.ProxyHandler({})]
+    if user:
+        passwords = urllib.request.HTTPPasswordMgrWithDefaultRealm()
+        passwords.add_password(None, url, user, password)
+        handlers.append(urllib.request.HTTPBasicAuthHandler(passwords))
+    opener = urllib.request.build_opener(*handlers)
+    try:
+        with opener.open(f"{url}/api/2.0/mlflow/experiments/search?max_results=10") as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_compose_stack_tracks_runs_in_postgres_behind_basic_auth(stack, monkeypatch, tmp_path):
+    study = run(*stack.compose, "run", "--rm", "prunecxr-cpu", *TINY_STUDY, env=stack.env)
+    assert study.returncode == 0, study.stderr[-3000:]
+
+    assert api_status(stack.url) == 401
+    assert api_status(stack.url, "admin", "not-the-password") == 401
+    assert api_status(stack.url, "admin", stack.admin_password) == 200
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stack.admin_password)
+    client = MlflowClient(stack.url)
+    by_stage = assert_tiny_study_logged(client, "prunecxr")
+    # Artifacts were uploaded through the server and come back through it.
+    report = client.download_artifacts(by_stage["analyze"][0].info.run_id, "report.html", tmp_path)
+    assert "<html" in Path(report).read_text()[:500].lower()
+    # The runs live in PostgreSQL (the backend store), not in a file inside the container.
+    count = run(
+        *stack.compose,
+        "exec",
+        "-T",
+        "db",
+        "sh",
+        "-c",
+        'psql -U "$POSTGRES_USER" -d "$POSTGRES_DB" -tAc "SELECT count(*) FROM runs"',
+        env=stack.env,
+    )
+    assert count.returncode == 0, count.stderr
+    assert int(count.stdout.strip()) == len(STUDY_STAGES)
+
+
+def test_compose_file_reserves_gpus_and_binds_the_ui_to_localhost():
+    env = {**os.environ, "TRACKING_ENV_FILE": str(ROOT / ".env.tracking.example")}
+    config = run(*compose_command(), "-f", str(ROOT / "docker-compose.yml"), "config", env=env)
+    assert config.returncode == 0, config.stderr
+    services = yaml.safe_load(config.stdout)["services"]
+    devices = services["prunecxr"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert "deploy" not in services["prunecxr-cpu"]
+    assert services["prunecxr"]["environment"]["MLFLOW_TRACKING_URI"] == "http://tracking:5000"
+    port = services["tracking"]["ports"][0]
+    published = port if isinstance(port, str) else f"{port['host_ip']}:{port['published']}"
+    assert published.startswith("127.0.0.1:5000")
+    assert services["tracking"]["depends_on"]["db"]["condition"] == "service_healthy"
