@@ -25,7 +25,9 @@ RUN useradd --non-unique --uid "${USER_UID}" --create-home prunecxr \
     && chmod 1777 /home/prunecxr \
     && mkdir -p /data /outputs \
     && chown prunecxr:prunecxr /data /outputs
+# USER: `mlflow run` looks the user up by name, and a --user uid may have no passwd entry.
 ENV HOME=/home/prunecxr \
+    USER=prunecxr \
     MPLCONFIGDIR=/tmp/matplotlib \
     PRUNECXR_CACHE=/outputs/cache \
     MLFLOW_TRACKING_URI=sqlite:////outputs/mlflow.db

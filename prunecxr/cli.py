@@ -271,3 +271,6 @@ def main(argv: list[str] | None = None) -> None:
     except PrunecxrError as error:
         click.echo("error: " + " ".join(str(error).splitlines()), err=True)
         sys.exit(1)
+    except PermissionError as error:  # e.g. an output folder mounted read-only or root-owned
+        click.echo(f"error: no permission to write {error.filename}: {error.strerror}", err=True)
+        sys.exit(1)

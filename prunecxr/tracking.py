@@ -41,11 +41,22 @@ _experiment_id: str | None = None  # set by use_experiment; where runs are creat
 def use_experiment(name: str) -> None:
     """Select the experiment, unless `mlflow run` already chose one for the run it created."""
     global _experiment_id
+    _check_local_store_writable()
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id:
         _experiment_id = MlflowClient().get_run(run_id).info.experiment_id
     else:
         _experiment_id = mlflow.set_experiment(name).experiment_id
+
+
+def _check_local_store_writable() -> None:
+    """A clear error instead of SQLite's "unable to open database file" (e.g. a root-owned
+    folder mounted into the container as the store's folder)."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).resolve().parent
+        if not os.access(folder, os.W_OK):
+            raise PrunecxrError(f"cannot write the MLflow store {uri}: {folder} is not writable")
 
 
 def experiment_name() -> str:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import cli_env
 
-PROJECT_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def prunecxr(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -42,6 +44,19 @@ def mlflow_run(entry_point: str, experiment: str, **params) -> subprocess.Comple
     for name, value in params.items():
         command += ["-P", f"{name}={value}"]
     return subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=900)
+
+
+def test_mlproject_builds_its_conda_environment_from_conda_yaml():
+    """`mlflow run .` with conda: MLflow reads conda.yaml, which installs this package (its
+    dependencies come from pyproject.toml). Conda itself is not reachable from CI."""
+    from mlflow.projects import _project_spec
+
+    project = _project_spec.load_project(str(PROJECT_ROOT))
+    assert project.env_type == "conda_env"
+    conda = yaml.safe_load(Path(project.env_config_path).read_text())
+    assert "python=3.11" in conda["dependencies"]
+    assert {"pip": ["-e ."]} in conda["dependencies"]
+    assert set(project._entry_points) == {"main", "train", "prune", "sweep", "analyze"}
 
 
 def test_help_lists_every_command():

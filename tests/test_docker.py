@@ -65,11 +65,14 @@ def images() -> None:
     assert build.returncode == 0, build.stdout + build.stderr
 
 
-def writable_outputs(tmp_path: Path) -> Path:
-    """A host folder the image's non-root user can write (it is bind-mounted at /outputs)."""
+HOST_USER = "4321:4321"  # stands for `--user "$(id -u):$(id -g)"`, as the README runs the image
+
+
+def host_user_outputs(tmp_path: Path) -> Path:
+    """A host folder owned by HOST_USER, bind-mounted at /outputs."""
     outputs = tmp_path / "outputs"
     outputs.mkdir()
-    outputs.chmod(0o777)
+    os.chown(outputs, 4321, 4321)
     return outputs
 
 
@@ -99,9 +102,20 @@ def test_image_help_runs_as_non_root_user(images):
     assert uid.returncode == 0 and uid.stdout.strip() != "0"
 
 
+def test_image_says_when_outputs_are_not_writable(images, tmp_path):
+    root_owned = tmp_path / "root-owned"  # 0755, owned by root: read-only for the image's user
+    root_owned.mkdir(mode=0o755)
+    result = run("docker", "run", "--rm", "-v", f"{root_owned}:/outputs", IMAGE, "study")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: cannot write the MLflow store sqlite:////outputs/mlflow.db: /outputs is not writable"
+    ]
+
+
 def test_image_study_and_mlflow_run_log_to_host_tracking_server(images, mlflow_server, tmp_path):
-    outputs = writable_outputs(tmp_path)
-    docker_run = ["docker", "run", "--rm", "--network", "host", "-v", f"{outputs}:/outputs"]
+    outputs = host_user_outputs(tmp_path)
+    docker_run = ["docker", "run", "--rm", "--network", "host", "--user", HOST_USER]
+    docker_run += ["-v", f"{outputs}:/outputs"]
     docker_run += ["-e", f"MLFLOW_TRACKING_URI={mlflow_server}"]
     study = run(*docker_run, IMAGE, *TINY_STUDY, "--experiment", "docker-image")
     assert study.returncode == 0, study.stderr[-3000:]
@@ -110,6 +124,7 @@ def test_image_study_and_mlflow_run_log_to_host_tracking_server(images, mlflow_s
     by_stage = assert_tiny_study_logged(client, "docker-image")
     train = by_stage["train"][0]
     assert train.data.params["data_dir"] == "/outputs/prunecxr-demo"  # written by the container
+    assert (outputs / "prunecxr-demo").stat().st_uid == 4321
 
     # The image's MLproject through `mlflow run --env-manager local`: prunes the study's model.
     mlflow_run = [*docker_run, "--entrypoint", "mlflow", IMAGE, "run", "/opt/prunecxr"]
