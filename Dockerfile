@@ -1,6 +1,6 @@
 # prunecxr on a CUDA-enabled PyTorch runtime image (README: "Run in Docker").
 #   docker build -t prunecxr .
-#   docker run --rm --gpus all -v "$PWD/outputs:/outputs" prunecxr study        # the demo
+#   docker run --rm --gpus all --user "$(id -u):$(id -g)" -v "$PWD/outputs:/outputs" prunecxr study
 # BASE_IMAGE must provide `python` (3.11, as the pins in docker/requirements.txt were made with)
 # with torch and torchvision in pyproject.toml's ranges; CI builds on a local stand-in
 # (ci/docker/standins.sh) because it cannot pull from public registries.

@@ -24,7 +24,7 @@ fi
 
 ROOT=$(mktemp -d /var/tmp/prunecxr-rootfs.XXXXXX)
 cleanup() {
-    for mount in "$ROOT/opt/local-wheels" "$ROOT/opt/local-index" "$ROOT/proc"; do
+    for mount in "$ROOT/opt/local-index" "$ROOT/proc"; do
         mountpoint -q "$mount" && umount "$mount"
     done
     rm -rf "$ROOT"
@@ -33,7 +33,7 @@ trap cleanup EXIT
 
 import_rootfs() {  # import_rootfs TAG: the rootfs as it is now, as an image
     rm -rf "$ROOT/root/.cache" "$ROOT/var/cache/apt/archives/"*.deb "$ROOT/var/lib/apt/lists/"*
-    tar -C "$ROOT" --exclude=./proc --exclude=./opt/local-wheels --exclude=./opt/local-index -c . |
+    tar -C "$ROOT" --exclude=./proc --exclude=./opt/local-index -c . |
         docker import \
             --change "ENV PATH=$PATH_IN_IMAGE" \
             --change "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt" \
