@@ -83,7 +83,10 @@ def mlflow_server(tmp_path_factory) -> str:
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(f"{url}/health", server, root / "server.log")
+        if not wait_until_ok(f"{url}/health", 90, lambda: server.poll() is None):
+            log.flush()
+            tail = (root / "server.log").read_text()[-2000:]
+            raise RuntimeError(f"mlflow server did not start (exit code {server.poll()}): {tail}")
         yield url
     finally:
         server.terminate()
@@ -94,20 +97,19 @@ def mlflow_server(tmp_path_factory) -> str:
         log.close()
 
 
-def _wait_for(url: str, server: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+def wait_until_ok(url: str, timeout: float, still_starting=lambda: True) -> bool:
+    """Poll `url` until it answers 200 (True), `timeout` passes or still_starting() is False."""
     deadline = time.monotonic() + timeout
     # No proxies: urllib's global opener may have cached a proxy an earlier test set.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {log.read_text()[-2000:]}")
+    while time.monotonic() < deadline and still_starting():
         try:
             with opener.open(url, timeout=2) as response:
                 if response.status == 200:
-                    return
+                    return True
         except OSError:
             time.sleep(0.5)
-    raise RuntimeError(f"mlflow server did not answer in {timeout} s: {log.read_text()[-2000:]}")
+    return False
 
 
 @pytest.fixture

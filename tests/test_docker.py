@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import _free_port
+from tests.conftest import _free_port, wait_until_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "prunecxr:ci"
@@ -177,17 +176,9 @@ def stack(images, tmp_path):
 
 
 def wait_until_healthy(url: str, compose: list[str], env: dict, timeout: float = 180) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with opener.open(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    logs = run(*compose, "logs", "--tail", "40", env=env).stdout
-    raise AssertionError(f"tracking server not healthy after {timeout} s:\n{logs}")
+    if not wait_until_ok(f"{url}/health", timeout):
+        logs = run(*compose, "logs", "--tail", "40", env=env).stdout
+        raise AssertionError(f"tracking server not healthy after {timeout} s:\n{logs}")
 
 
 def api_status(url: str, user: str | None = None, password: str | None = None) -> int:
