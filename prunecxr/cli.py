@@ -36,7 +36,9 @@ def cli() -> None:
 
 @cli.command()
 @dataset_option
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False, resolve_path=True, path_type=Path)
+)
 @click.option("--n-train", default=4000, show_default=True)
 @click.option("--n-val", default=500, show_default=True)
 @click.option("--n-test", default=1000, show_default=True)

@@ -109,6 +109,15 @@ def test_image_says_when_outputs_are_not_writable(images, tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: cannot write the MLflow store sqlite:////outputs/mlflow.db: /outputs is not writable"
     ]
+    # Any other write the OS refuses ends the same way: one line, exit code 1.
+    synth = run(
+        "docker", "run", "--rm", "-v", f"{root_owned}:/outputs", IMAGE, "synth", "--out", "x"
+    )
+    assert synth.returncode == 1
+    assert "Traceback" not in synth.stderr  # after the progress bar, one error line
+    assert synth.stderr.strip().splitlines()[-1] == (
+        "error: no permission to write /outputs/x: Permission denied"
+    )
 
 
 def test_image_study_and_mlflow_run_log_to_host_tracking_server(images, mlflow_server, tmp_path):
