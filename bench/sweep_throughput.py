@@ -36,7 +36,7 @@ from prunecxr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from prunecxr.evaluate import predict_logits, sigmoid
 from prunecxr.models import create_model, load_state_file
 from prunecxr.pruning import prune_model
-from prunecxr.train import resolve_device
+from prunecxr.runtime import resolve_runtime
 
 SCHEMA = get_schema("nih-cxr-lt")
 
@@ -74,7 +74,7 @@ def original_way(checkpoint: Path, paths, args, device) -> tuple[float, list[np.
     return time.perf_counter() - started, outputs
 
 
-def prunecxr_way(checkpoint: Path, data_dir: Path, args, device) -> tuple[float, list[np.ndarray]]:
+def prunecxr_way(checkpoint: Path, data_dir: Path, args, runtime) -> tuple[float, list[np.ndarray]]:
     started, outputs = time.perf_counter(), []
     test = load_split(
         SCHEMA,
@@ -90,12 +90,10 @@ def prunecxr_way(checkpoint: Path, data_dir: Path, args, device) -> tuple[float,
     source.load_state_dict(load_state_file(checkpoint))
     for sparsity in args.sparsities:
         model = prune_model(copy.deepcopy(source), "l1", sparsity, example_inputs=None)
-        model = model.to(device).eval()
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        logits = predict_logits(model, images, device=device, batch_size=args.batch_size)
+        model = runtime.place_model(model).eval()
+        logits = predict_logits(model, images, runtime=runtime, batch_size=args.batch_size)
         outputs.append(sigmoid(logits))
-    _sync(device)
+    _sync(runtime.device)
     return time.perf_counter() - started, outputs
 
 
@@ -131,12 +129,13 @@ def main() -> None:
     parser.add_argument("--data-dir", help="reuse a folder (its images are generated once)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    device = resolve_device(args.device)
+    runtime = resolve_runtime(args.device)  # bf16 + channels_last on CUDA, fp32 on the CPU
+    device = runtime.device
     data_dir, checkpoint, paths = prepare(args)
     for cached in (data_dir / "cache").glob("*.npy"):
         cached.unlink()  # our way pays for building its cache in the timed run
     original_s, original = original_way(checkpoint, paths, args, device)
-    ours_s, ours = prunecxr_way(checkpoint, data_dir, args, device)
+    ours_s, ours = prunecxr_way(checkpoint, data_dir, args, runtime)
     evaluated = len(paths) * len(args.sparsities)
     result = {
         "device": torch.cuda.get_device_name()

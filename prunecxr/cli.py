@@ -14,7 +14,6 @@ from prunecxr.cli_settings import (
     cell_settings,
     data_options,
     dataset_option,
-    device_option,
     experiment_option,
     finetune_settings,
     given_on_command_line,
@@ -22,6 +21,8 @@ from prunecxr.cli_settings import (
     model_options,
     optimization_options,
     parse_methods,
+    resume_overrides,
+    runtime_options,
     seed_option,
     source_options,
     train_config,
@@ -67,21 +68,25 @@ def synth(dataset, out, n_train, n_val, n_test, size, seed, overwrite) -> None:
 @model_options
 @optimization_options
 @seed_option
-@device_option
+@runtime_options
 @experiment_option
-@click.option("--resume", "resume_run_id", metavar="RUN_ID", help="Continue this train run.")
+@click.option(
+    "--resume",
+    "resume_run_id",
+    metavar="RUN_ID",
+    help="Continue this train run with its own settings; options you type override them.",
+)
 def train(resume_run_id, experiment, **settings) -> None:
     """Train one model (one seed) and log it as an MLflow train run."""
     from prunecxr import tracking
     from prunecxr.train import resume_training, run_training
 
-    tracking.use_experiment(experiment)
     if resume_run_id:
-        overrides = {key: settings[key] for key in ("max_epochs", "device", "num_workers")}
-        run_id = resume_training(
-            resume_run_id, **overrides, **cache_override(settings["cache_dir"])
-        )
+        typed_experiment = given_on_command_line({"experiment": experiment})
+        tracking.use_run_experiment(resume_run_id, typed_experiment.get("experiment"))
+        run_id = resume_training(resume_run_id, **resume_overrides(given_on_command_line(settings)))
     else:
+        tracking.use_experiment(experiment)
         run_id = run_training(train_config(**settings))
     click.echo(f"train run {run_id}: model at runs:/{run_id}/model")
 
@@ -104,7 +109,7 @@ def train(resume_run_id, experiment, **settings) -> None:
 @click.option(
     "--sparsities", help="Sparsity grid [default: 0,0.3,...,0.95 demo; 0:0.95:0.05 real data]."
 )
-@device_option
+@runtime_options
 @experiment_option
 def study(demo_dir, seeds, methods, sparsities, experiment, **settings) -> None:
     """The whole pipeline as nested MLflow runs; with no --data-dir, the synthetic demo."""

@@ -30,6 +30,22 @@ seed_option = click.option("--seed", default=0, show_default=True, help="Random 
 device_option = click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
+# The GPU's fast path, selectable on the CPU too (CI runs it there).
+runtime_options = stack_options(
+    device_option,
+    click.option(
+        "--channels-last/--no-channels-last",
+        default=None,
+        help="channels_last memory layout [default: on for CUDA, off for the CPU].",
+    ),
+    click.option(
+        "--precision",
+        type=click.Choice(["auto", "bf16", "fp32"]),
+        default="auto",
+        show_default=True,
+        help="Autocast precision; auto = bf16 on CUDA, fp32 on the CPU.",
+    ),
+)
 dataset_option = click.option(
     "--dataset", type=click.Choice(DATASETS), default="nih-cxr-lt", show_default=True
 )
@@ -98,7 +114,7 @@ source_options = stack_options(
     ),
     lr_option,
     batch_size_option,
-    device_option,
+    runtime_options,
     experiment_option,
 )
 
@@ -159,6 +175,8 @@ def cell_settings(settings: dict, log_model: bool):
 
     return CellSettings(
         device=settings["device"],
+        channels_last=settings["channels_last"],
+        precision=settings["precision"],
         batch_size=settings["batch_size"],
         log_model=log_model,
         num_workers=settings["num_workers"],
@@ -166,6 +184,11 @@ def cell_settings(settings: dict, log_model: bool):
 
 
 def finetune_settings(settings: dict):
-    from prunecxr.sweep import Finetune
+    from prunecxr.train import Finetune
 
     return Finetune(settings["finetune_epochs"], settings["lr"], settings["batch_size"])
+
+
+def resume_overrides(typed: dict) -> dict:
+    """The options typed with --resume, as TrainConfig overrides (paths as text)."""
+    return {key: str(v) if isinstance(v, Path) else v for key, v in typed.items()}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pandas as pd
 import torch
@@ -14,15 +12,9 @@ from tqdm import tqdm
 
 from prunecxr.data.schemas import class_slug
 from prunecxr.data.transforms import normalize
+from prunecxr.runtime import Runtime
 
 F1_THRESHOLD = 0.5
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (2x throughput on Ampere/Hopper); plain fp32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @torch.inference_mode()
@@ -30,20 +22,19 @@ def predict_logits(
     model: nn.Module,
     images: np.ndarray,
     *,
-    device: torch.device,
+    runtime: Runtime,
     batch_size: int = 256,
     progress: str | None = None,
 ) -> np.ndarray:
-    """images: (N, S, S) uint8 -> (N, C) float32 logits. The model is put in eval mode."""
+    """images: (N, S, S) uint8 -> (N, C) float32 logits, computed in `runtime`'s layout and
+    precision (the model must already be on its device). The model is put in eval mode."""
     model.eval()
     outputs = []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False):
         batch = torch.from_numpy(np.array(images[start : start + batch_size]))
-        batch = normalize(batch.unsqueeze(1).to(device, non_blocking=True))
-        if device.type == "cuda":
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
+        batch = runtime.place_batch(normalize(batch.unsqueeze(1).to(runtime.device)))
+        with runtime.autocast():
             outputs.append(model(batch).float().cpu())
     return torch.cat(outputs).numpy()
 

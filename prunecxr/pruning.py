@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from prunecxr import PrunecxrError
+from prunecxr.runtime import standard_layout
 
 STRUCTURED_TOLERANCE = 0.01  # |achieved - target| sparsity allowed for structured pruning
 STRUCTURED_MAX_STEPS = 24  # bisection steps on the channel ratio
@@ -122,13 +123,16 @@ METHODS: dict[str, Callable[..., nn.Module]] = {
 def prune_model(
     model: nn.Module, method: str, sparsity: float, *, example_inputs: torch.Tensor, seed: int = 0
 ) -> nn.Module:
-    """Prune `model` (in place for unstructured; a new model for structured) and return it."""
+    """Prune `model` (in place for unstructured; a new model for structured) and return it, in
+    the standard layout: a model in any memory format is accepted (a channels_last model from a
+    GPU would otherwise fail, as torch.nn.utils.prune views every weight as a vector)."""
     if not 0 <= sparsity < 1:
         raise PrunecxrError(f"sparsity {sparsity} is outside [0, 1)")
     try:
         prune_fn = METHODS[method]
     except KeyError:
         raise PrunecxrError(f"unknown method {method!r}; valid: {', '.join(METHODS)}") from None
+    model = standard_layout(model)
     return prune_fn(model, sparsity, seed=seed, example_inputs=example_inputs)
 
 

@@ -85,6 +85,8 @@ def run_study(config: StudyConfig) -> str:
         sources = [load_source(f"runs:/{run_id}/model") for run_id in train_ids]
         settings = CellSettings(
             device=config.train.device,
+            channels_last=config.train.channels_last,
+            precision=config.train.precision,
             batch_size=config.train.batch_size,
             num_workers=config.train.num_workers,
         )

@@ -29,7 +29,8 @@ from prunecxr.evaluate import (
 )
 from prunecxr.models import create_model, load_state_file
 from prunecxr.pruning import count_macs, count_prunable, nonzero_parameters, prune_model
-from prunecxr.train import resolve_device
+from prunecxr.runtime import Runtime, resolve_runtime
+from prunecxr.train import Finetune
 
 CELL_TAG = "prunecxr.cell"
 SWEEP_KEY_TAG = "prunecxr.sweep_key"
@@ -63,6 +64,8 @@ class ModelSource:
 @dataclass(frozen=True)
 class CellSettings:
     device: str = "auto"
+    channels_last: bool | None = None  # None: on for CUDA
+    precision: str = "auto"  # bf16 autocast on CUDA, fp32 on the CPU
     batch_size: int = 256
     log_model: bool = False  # sweeps keep only metrics and predictions per cell
     num_workers: int = 0  # processes decoding images if the test-set cache must be built
@@ -84,7 +87,7 @@ def load_source(
     or a checkpoint file in the original format (settings from `fallback` and `arch`)."""
     if uri.startswith(("runs:/", "models:/")):
         run_id = tracking.model_run_id(uri)
-        params = tracking.get_run(run_id).data.params
+        params = tracking.run_settings(tracking.get_run(run_id))
         data = DataSettings(
             params["dataset"],
             params["data_dir"],
@@ -137,15 +140,6 @@ def cell_key(source: ModelSource, method: str, sparsity: float) -> str:
     return f"{source.run_id or source.uri}|{method}|{sparsity:g}"
 
 
-@dataclass(frozen=True)
-class Finetune:
-    """Optional fine-tuning after pruning (0 epochs = the paper's setting)."""
-
-    epochs: int = 0
-    lr: float = 1e-4
-    batch_size: int = 256
-
-
 def run_cell(
     source: ModelSource,
     method: str,
@@ -156,37 +150,40 @@ def run_cell(
 ) -> str:
     """Prune a copy of the source model, evaluate it on `test`, log one prune run (nested under
     the active run if any). Returns the prune run's id."""
-    device = resolve_device(settings.device)
+    runtime = resolve_runtime(settings.device, settings.channels_last, settings.precision)
     classes = get_schema(source.data.dataset).classes
     name = f"prune-{method}-{sparsity:g}-seed{source.seed}"
     with tracking.start_run("prune", run_name=name) as run_id:
         tracking.set_tags({CELL_TAG: cell_key(source, method, sparsity)})
-        tracking.log_params(_cell_params(source, method, sparsity, finetune))
-        model = copy.deepcopy(source.model).to(device).eval()
-        example = torch.zeros(1, 3, source.data.image_size, source.data.image_size, device=device)
+        tracking.log_params(_cell_params(source, method, sparsity, finetune, settings))
+        tracking.log_resolved(runtime.describe())
+        size = source.data.image_size
+        example = torch.zeros(1, 3, size, size, device=runtime.device)
+        model = copy.deepcopy(source.model).to(runtime.device).eval()
         total, _ = count_prunable(model)
         model = prune_model(model, method, sparsity, example_inputs=example, seed=source.seed)
+        model = runtime.place_model(model)
         if finetune.epochs:
-            _finetune(model, source, finetune, device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+            _finetune(model, source, finetune, runtime)
         probs = sigmoid(
-            predict_logits(model, test.images, device=device, batch_size=settings.batch_size)
+            predict_logits(model, test.images, runtime=runtime, batch_size=settings.batch_size)
         )
         metrics = per_class_metrics(probs, test.labels, classes)
         tracking.log_metrics(
-            {**summarize(metrics, "test"), **_measure(model, total, test, example)}
+            {**summarize(metrics, "test"), **_measure(model, total, test, runtime)}
         )
         tracking.log_table(metrics, "per_class_metrics.csv")
         tracking.log_table(
             predictions_frame(test.image_ids, probs, test.labels, classes), "predictions.parquet"
         )
         if settings.log_model:
-            tracking.log_model(model.float().cpu(), example_input(test.images))
+            tracking.log_model(model, example_input(test.images))
     return run_id
 
 
-def _cell_params(source: ModelSource, method: str, sparsity: float, finetune: Finetune) -> dict:
+def _cell_params(
+    source: ModelSource, method: str, sparsity: float, finetune: Finetune, settings: CellSettings
+) -> dict:
     return {
         "dataset": source.data.dataset,
         "arch": source.arch,
@@ -198,48 +195,45 @@ def _cell_params(source: ModelSource, method: str, sparsity: float, finetune: Fi
         "source_run_id": source.run_id or "",
         "model_uri": source.uri,
         "finetune_epochs": finetune.epochs,
+        "device": settings.device,
+        "channels_last": settings.channels_last,
+        "precision": settings.precision,
     }
 
 
-def _measure(model: nn.Module, total_prunable: int, test: SplitData, example) -> dict[str, float]:
+def _measure(model: nn.Module, total_prunable: int, test: SplitData, runtime) -> dict[str, float]:
     """Measured, not assumed: zeroed or removed prunable weights, MACs and latency."""
     _, nonzero = count_prunable(model)
+    size = test.images.shape[-1]
     return {
         "achieved_sparsity": 1 - nonzero / total_prunable,
         "nonzero_params": nonzero_parameters(model),
-        "macs": count_macs(model, example),
-        "latency_ms_per_image": latency_ms_per_image(model, test.images, example.device),
+        "macs": count_macs(model, torch.zeros(1, 3, size, size, device=runtime.device)),
+        "latency_ms_per_image": latency_ms_per_image(model, test.images, runtime),
     }
 
 
-def latency_ms_per_image(model: nn.Module, images: np.ndarray, device: torch.device) -> float:
+def latency_ms_per_image(model: nn.Module, images: np.ndarray, runtime: Runtime) -> float:
     """Mean inference time per image over 3 passes of a LATENCY_BATCH batch, after a warm-up."""
     batch = images[:LATENCY_BATCH]
-    predict_logits(model, batch, device=device)
-    if device.type == "cuda":
+    predict_logits(model, batch, runtime=runtime)
+    if runtime.device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(3):
-        predict_logits(model, batch, device=device)
-    if device.type == "cuda":
+        predict_logits(model, batch, runtime=runtime)
+    if runtime.device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - started) * 1000 / (3 * len(batch))
 
 
-def _finetune(model: nn.Module, source: ModelSource, finetune: Finetune, device) -> None:
+def _finetune(model: nn.Module, source: ModelSource, finetune: Finetune, runtime) -> None:
     from prunecxr.pruning import zeros_stay_zero
     from prunecxr.train import finetune_model
 
     train = load_data_split(source.data, "train")
     with zeros_stay_zero(model):
-        finetune_model(
-            model,
-            train,
-            epochs=finetune.epochs,
-            lr=finetune.lr,
-            batch_size=finetune.batch_size,
-            seed=source.seed,
-        )
+        finetune_model(model, train, finetune, seed=source.seed, runtime=runtime)
 
 
 def run_prune(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,26 +28,59 @@ STAGES = ("study", "train", "sweep", "prune", "analyze")
 
 
 def quiet_logs() -> None:
-    """Keep MLflow's store-migration INFO lines and its pickle warning (pickle is chosen on
-    purpose: it keeps structurally pruned shapes) out of the CLI's output."""
+    """Keep MLflow's store-migration INFO lines, its pickle warning (pickle is chosen on
+    purpose: it keeps structurally pruned shapes) and a progress bar per downloaded artifact
+    out of the CLI's output (our own bars show the work)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("mlflow.pytorch").addFilter(
         lambda record: "Pickle or CloudPickle" not in record.getMessage()
     )
 
 
-_experiment_id: str | None = None  # set by use_experiment; where runs are created and searched
+DEFAULT_EXPERIMENT_ID = "0"  # MLflow's "Default": where `mlflow run` puts runs unless told
+_experiment_id: str | None = None  # set by use_experiment; where new runs are created
+_lookup_ids: list[str] = []  # where default sources (newest train run, sweep) are looked for
 
 
 def use_experiment(name: str) -> None:
-    """Select the experiment, unless `mlflow run` already chose one for the run it created."""
-    global _experiment_id
+    """Log into experiment `name` (created if missing), unless `mlflow run` already chose the
+    experiment of the run it created. `mlflow run` without --experiment-name puts that run in
+    MLflow's Default experiment; sources are then looked for there and in `name` too, so that
+    `mlflow run . -e prune` right after `prunecxr study` prunes the study's model."""
+    global _experiment_id, _lookup_ids
     _check_local_store_writable()
     run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id:
-        _experiment_id = MlflowClient().get_run(run_id).info.experiment_id
-    else:
+    if not run_id:
         _experiment_id = mlflow.set_experiment(name).experiment_id
+        _lookup_ids = [_experiment_id]
+        return
+    _experiment_id = get_run(run_id).info.experiment_id
+    _lookup_ids = [_experiment_id]
+    named = mlflow.get_experiment_by_name(name)
+    if _experiment_id == DEFAULT_EXPERIMENT_ID and named and named.experiment_id != _experiment_id:
+        _lookup_ids.append(named.experiment_id)
+
+
+def use_run_experiment(run_id: str, typed_name: str | None = None) -> None:
+    """Continue `run_id` in the experiment it belongs to (a run cannot move); a typed
+    experiment name that is another experiment is an error."""
+    global _experiment_id, _lookup_ids
+    _check_local_store_writable()
+    if os.environ.get("MLFLOW_RUN_ID"):
+        raise PrunecxrError(
+            f"--resume continues run {run_id} by itself, not inside `mlflow run`: "
+            f"use prunecxr train --resume {run_id}"
+        )
+    run = get_run(run_id)
+    own = mlflow.get_experiment(run.info.experiment_id).name
+    if typed_name is not None and typed_name != own:
+        raise PrunecxrError(
+            f"run {run_id} belongs to experiment {own!r}, not {typed_name!r}: a run stays in "
+            f"its experiment; drop --experiment to continue it there"
+        )
+    _experiment_id = mlflow.set_experiment(experiment_id=run.info.experiment_id).experiment_id
+    _lookup_ids = [_experiment_id]
 
 
 def _check_local_store_writable() -> None:
@@ -57,10 +91,6 @@ def _check_local_store_writable() -> None:
         folder = Path(uri.removeprefix("sqlite:///")).resolve().parent
         if not os.access(folder, os.W_OK):
             raise PrunecxrError(f"cannot write the MLflow store {uri}: {folder} is not writable")
-
-
-def experiment_name() -> str:
-    return mlflow.get_experiment(_current_experiment_id()).name
 
 
 def _current_experiment_id() -> str:
@@ -83,23 +113,51 @@ def start_run(
         yield run.info.run_id
 
 
+RESOLVED_SUFFIX = "_resolved"
+
+
 def log_params(params: dict) -> None:
-    """Log params, skipping those `mlflow run` already logged from MLproject with the same value
-    written another way ("1e-3" vs "0.001"); MLflow refuses to change a logged param."""
+    """Log settings as given. `mlflow run` logs its -P values (and declared defaults) before our
+    code starts, and MLflow refuses to change a param: a name already logged with an equivalent
+    value ("1e-3" vs "0.001") is skipped; one logged with another value keeps it, and ours (what
+    prunecxr resolved and used, e.g. a relative path made absolute) goes to `<name>_resolved`."""
     logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
-    fresh = {
-        key: str(value)
-        for key, value in params.items()
-        if key not in logged or not _same_value(logged[key], str(value))
-    }
+    fresh = {}
+    for key, value in params.items():
+        text = _param_text(value)
+        if key not in logged:
+            fresh[key] = text
+        elif not _same_value(logged[key], text):
+            fresh[key + RESOLVED_SUFFIX] = text
     mlflow.log_params(fresh)
+
+
+def log_resolved(values: dict) -> None:
+    """Log what prunecxr resolved from "auto" settings as `<name>_resolved` params."""
+    log_params({key + RESOLVED_SUFFIX: value for key, value in values.items()})
+
+
+def run_settings(run) -> dict[str, str]:
+    """A run's params with every `<name>_resolved` value in place of `<name>`'s."""
+    params = dict(run.data.params)
+    for key in [k for k in params if k.endswith(RESOLVED_SUFFIX)]:
+        params[key.removesuffix(RESOLVED_SUFFIX)] = params[key]
+    return params
+
+
+def _param_text(value) -> str:
+    if value is None:
+        return "auto"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 def _same_value(a: str, b: str) -> bool:
     try:
         return float(a) == float(b)
     except ValueError:
-        return a == b
+        return a.lower() == b.lower() if a.lower() in ("true", "false") else a == b
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
@@ -128,10 +186,13 @@ def _artifact_dir(artifact_file: str) -> str | None:
 
 
 def log_model(model: nn.Module, input_example: np.ndarray) -> None:
-    """Log `model` as the run's `model` artifact (pickle format keeps pruned shapes)."""
+    """Log `model` as the run's `model` artifact (pickle format keeps pruned shapes), in the
+    standard layout on the CPU whatever it ran in, so that it loads and prunes anywhere."""
     import torch
 
-    model.eval()
+    from prunecxr.runtime import standard_layout
+
+    model = standard_layout(model.float().cpu()).eval()
     with torch.inference_mode():
         output = model(torch.from_numpy(input_example)).numpy()
     mlflow.pytorch.log_model(
@@ -180,6 +241,10 @@ def where_to_browse(run_id: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000/{page})"
 
 
+def run_finished(run_id: str) -> bool:
+    return get_run(run_id).info.status == "FINISHED"
+
+
 def run_stage(run) -> str | None:
     return run.data.tags.get(STAGE_TAG)
 
@@ -197,13 +262,21 @@ def model_run_id(model_uri: str) -> str | None:
 
 
 def newest_finished_run_id(stage: str, *, how_to_make_one: str) -> str:
-    """The newest finished `stage` run of the experiment; a clear error when there is none."""
-    runs = _search(f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'")
+    """The newest finished `stage` run where sources are looked for (see use_experiment); a
+    clear error when there is none. Says on stderr which run it took."""
+    query = f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'"
+    runs = _search(query, _lookup_ids)
+    names = " or ".join(repr(mlflow.get_experiment(i).name) for i in _lookup_ids)
     if not runs:
-        raise PrunecxrError(
-            f"no finished {stage} run in experiment {experiment_name()!r}; {how_to_make_one}"
-        )
-    return runs[0].info.run_id
+        raise PrunecxrError(f"no finished {stage} run in experiment {names}; {how_to_make_one}")
+    newest = runs[0]
+    where = mlflow.get_experiment(newest.info.experiment_id).name
+    print(
+        f"using the newest finished {stage} run {newest.info.run_id} "
+        f"({newest.info.run_name}, experiment {where!r})",
+        file=sys.stderr,
+    )
+    return newest.info.run_id
 
 
 def find_unfinished_run_id(stage: str, tag: str, value: str) -> str | None:
@@ -219,12 +292,13 @@ def finished_child_tags(parent_run_id: str, stage: str, tag: str) -> set[str]:
     return {run.data.tags[tag] for run in runs if tag in run.data.tags}
 
 
-def _search(query: str) -> list:
-    """All runs of the current experiment matching `query`, newest first (every page)."""
+def _search(query: str, experiment_ids: list[str] | None = None) -> list:
+    """All runs matching `query` in the current experiment (or `experiment_ids`), newest first
+    (every page)."""
     client, runs, token = MlflowClient(), [], None
     while True:
         page = client.search_runs(
-            [_current_experiment_id()],
+            experiment_ids or [_current_experiment_id()],
             query,
             order_by=["attributes.start_time DESC"],
             page_token=token,

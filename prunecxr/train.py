@@ -22,7 +22,6 @@ from prunecxr.data.cache import DEFAULT_CACHE_DIR
 from prunecxr.data.synthetic import read_marker
 from prunecxr.data.transforms import augment, normalize
 from prunecxr.evaluate import (
-    autocast,
     example_input,
     per_class_metrics,
     predict_logits,
@@ -31,6 +30,7 @@ from prunecxr.evaluate import (
     summarize,
 )
 from prunecxr.models import create_model
+from prunecxr.runtime import Runtime, resolve_runtime
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/last.pt"
@@ -52,6 +52,8 @@ class TrainConfig:
     patience: int = 15  # epochs without a better val_loss before stopping
     seed: int = 0
     device: str = "auto"  # auto = cuda if available
+    channels_last: bool | None = None  # None: on for CUDA, off for the CPU
+    precision: str = "auto"  # autocast: auto = bf16 on CUDA, fp32 on the CPU
     num_workers: int = 0  # processes decoding images while the cache is built
     cache_dir: str = str(DEFAULT_CACHE_DIR)
 
@@ -59,16 +61,6 @@ class TrainConfig:
 def default_pretrained(data_dir: str | Path) -> str:
     """ImageNet init for real data (the paper's setting); none for our synthetic data."""
     return "none" if read_marker(Path(data_dir)) else "imagenet"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise PrunecxrError(f"unknown device {name!r}; valid: auto, cpu, cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PrunecxrError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(name)
 
 
 @dataclass
@@ -98,17 +90,20 @@ class TrainState:
         }
 
 
-def create_state(config: TrainConfig, num_classes: int, device: torch.device) -> TrainState:
+def create_state(
+    config: TrainConfig, num_classes: int, runtime: Runtime, pretrained: str | None = None
+) -> TrainState:
+    """A fresh model (initialized from `pretrained`, default the config's), optimizer, RNG."""
     torch.manual_seed(config.seed)
-    model = create_model(config.arch, num_classes, config.pretrained).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = create_model(config.arch, num_classes, pretrained or config.pretrained)
+    model = runtime.place_model(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     return TrainState(model, optimizer, torch.Generator().manual_seed(config.seed))
 
 
-def restore_state(checkpoint: dict, config: TrainConfig, num_classes: int, device) -> TrainState:
-    state = create_state(config, num_classes, device)
+def restore_state(checkpoint: dict, config: TrainConfig, num_classes: int, runtime) -> TrainState:
+    # The checkpoint's weights replace the initial ones: no ImageNet download (works offline).
+    state = create_state(config, num_classes, runtime, pretrained="none")
     state.model.load_state_dict(checkpoint["model"])
     state.optimizer.load_state_dict(checkpoint["optimizer"])
     state.generator.set_state(checkpoint["generator"])
@@ -117,7 +112,7 @@ def restore_state(checkpoint: dict, config: TrainConfig, num_classes: int, devic
     return state
 
 
-def train_one_epoch(state: TrainState, split: SplitData, batch_size: int, device) -> float:
+def train_one_epoch(state: TrainState, split: SplitData, batch_size: int, runtime) -> float:
     """One pass over `split` in a random order; returns the mean training loss."""
     state.model.train()
     order = torch.randperm(len(split), generator=state.generator).numpy()
@@ -127,12 +122,10 @@ def train_one_epoch(state: TrainState, split: SplitData, batch_size: int, device
         index = np.sort(order[start : start + batch_size])  # sorted reads are faster on a memmap
         if len(index) < 2:  # BatchNorm cannot train on a single image
             continue
-        images = torch.from_numpy(split.images[index]).unsqueeze(1).to(device)
-        targets = torch.from_numpy(split.labels[index]).to(device)
-        batch = normalize(augment(images, state.generator))
-        if device.type == "cuda":
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
+        images = torch.from_numpy(split.images[index]).unsqueeze(1).to(runtime.device)
+        targets = torch.from_numpy(split.labels[index]).to(runtime.device)
+        batch = runtime.place_batch(normalize(augment(images, state.generator)))
+        with runtime.autocast():
             loss = F.binary_cross_entropy_with_logits(state.model(batch).float(), targets)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -142,9 +135,9 @@ def train_one_epoch(state: TrainState, split: SplitData, batch_size: int, device
     return total / max(seen, 1)
 
 
-def evaluate_split(model: nn.Module, split: SplitData, classes, device, batch_size: int):
+def evaluate_split(model: nn.Module, split: SplitData, classes, runtime, batch_size: int):
     """-> (mean BCE loss, per-class metrics frame, probs (N, C))."""
-    logits = predict_logits(model, split.images, device=device, batch_size=batch_size)
+    logits = predict_logits(model, split.images, runtime=runtime, batch_size=batch_size)
     loss = F.binary_cross_entropy_with_logits(
         torch.from_numpy(logits), torch.from_numpy(split.labels)
     ).item()
@@ -152,15 +145,15 @@ def evaluate_split(model: nn.Module, split: SplitData, classes, device, batch_si
     return loss, per_class_metrics(probs, split.labels, classes), probs
 
 
-def fit(state: TrainState, config: TrainConfig, splits: dict, classes, on_epoch_end) -> None:
+def fit(state: TrainState, config: TrainConfig, splits: dict, runtime, on_epoch_end) -> None:
     """Epochs until max_epochs or `patience` epochs without a lower val_loss; the best weights
     are kept in `state.best_weights`. on_epoch_end(state) runs after every epoch (checkpoint)."""
-    device = next(state.model.parameters()).device
+    classes = get_schema(config.dataset).classes
     while state.epoch < config.max_epochs and state.epochs_since_best < config.patience:
         started = time.perf_counter()
-        train_loss = train_one_epoch(state, splits["train"], config.batch_size, device)
+        train_loss = train_one_epoch(state, splits["train"], config.batch_size, runtime)
         val_loss, val_metrics, _ = evaluate_split(
-            state.model, splits["val"], classes, device, config.batch_size
+            state.model, splits["val"], classes, runtime, config.batch_size
         )
         state.epoch += 1
         if val_loss < state.best_val_loss:
@@ -204,35 +197,84 @@ def run_training(config: TrainConfig) -> str:
     return _train(config, checkpoint=None, run_id=None)
 
 
+# Settings a resumed run may change: how long it trains and where; the data may have moved.
+RESUME_OVERRIDABLE = (
+    "max_epochs",
+    "patience",
+    "device",
+    "channels_last",
+    "precision",
+    "num_workers",
+    "cache_dir",
+    "data_dir",
+    "label_dir",
+)
+
+
 def resume_training(run_id: str, **overrides) -> str:
-    """Continue train run `run_id` from its last checkpoint. `overrides` replace stored settings
-    that may change between sessions (max_epochs, device, num_workers, cache_dir)."""
+    """Continue train run `run_id` from its last checkpoint with the run's own settings;
+    `overrides` (only what the user typed) replace those in RESUME_OVERRIDABLE. A run whose
+    epochs are done but whose final results were never logged (it died while logging them)
+    logs them now."""
     checkpoint = fetch_checkpoint(run_id)
-    config = dataclasses.replace(TrainConfig(**checkpoint["config"]), **overrides)
+    stored = checkpoint["config"]
+    fixed = sorted(
+        k for k, v in overrides.items() if k not in RESUME_OVERRIDABLE and stored.get(k) != v
+    )
+    if fixed:
+        raise PrunecxrError(
+            f"--resume keeps the run's own {', '.join(fixed)} "
+            f"({', '.join(f'{k}={stored.get(k)}' for k in fixed)}); only "
+            f"{', '.join(RESUME_OVERRIDABLE)} can change when resuming"
+        )
+    config = dataclasses.replace(TrainConfig(**stored), **overrides)
+    if _training_done(checkpoint, config) and tracking.run_finished(run_id):
+        raise PrunecxrError(
+            f"run {run_id} already finished training at epoch {checkpoint['epoch']}; "
+            f"pass a larger --max-epochs to train on"
+        )
     return _train(config, checkpoint=checkpoint, run_id=run_id)
+
+
+def _training_done(checkpoint: dict, config: TrainConfig) -> bool:
+    return (
+        checkpoint["epochs_since_best"] >= config.patience
+        or checkpoint["epoch"] >= config.max_epochs
+    )
 
 
 def _train(config: TrainConfig, checkpoint: dict | None, run_id: str | None) -> str:
     classes = get_schema(config.dataset).classes
-    device = resolve_device(config.device)
+    runtime = resolve_runtime(config.device, config.channels_last, config.precision)
     if checkpoint:
-        state = restore_state(checkpoint, config, len(classes), device)
-        if state.epochs_since_best >= config.patience or state.epoch >= config.max_epochs:
-            raise PrunecxrError(
-                f"run {run_id} already finished training at epoch {state.epoch}; "
-                f"pass a larger --max-epochs to train on"
-            )
+        state = restore_state(checkpoint, config, len(classes), runtime)
     else:
-        state = create_state(config, len(classes), device)
+        state = create_state(config, len(classes), runtime)
     splits = load_splits(config)
     run_name = f"train-{config.arch}-seed{config.seed}"
     with tracking.start_run("train", run_name=run_name, run_id=run_id) as active_id:
-        if not checkpoint:
+        if checkpoint:
+            tracking.set_tags({RESUMED_TAG: _resume_note(checkpoint, config, runtime)})
+        else:
             tracking.log_params(dataclasses.asdict(config))
+            tracking.log_resolved(runtime.describe())
         with tempfile.TemporaryDirectory() as tmp:
-            fit(state, config, splits, classes, lambda s: _log_epoch(s, config, Path(tmp)))
-        _log_final(state, config, splits["test"], classes, device)
+            fit(state, config, splits, runtime, lambda s: _log_epoch(s, config, Path(tmp)))
+        _log_final(state, config, splits["test"], runtime)
     return active_id
+
+
+RESUMED_TAG = "prunecxr.resumed"
+
+
+def _resume_note(checkpoint: dict, config: TrainConfig, runtime: Runtime) -> str:
+    """What a resumed session changed, e.g. 'from epoch 6: max_epochs=12, device=cpu'."""
+    before = checkpoint["config"]
+    changed = {k: v for k, v in dataclasses.asdict(config).items() if before.get(k) != v}
+    described = {**{k: str(v) for k, v in changed.items()}, **runtime.describe()}
+    return f"from epoch {checkpoint['epoch']}: " + ", ".join(
+        f"{k}={v}" for k, v in described.items()
+    )
 
 
 def fetch_checkpoint(run_id: str) -> dict:
@@ -253,32 +295,42 @@ def _log_epoch(state: TrainState, config: TrainConfig, tmp: Path) -> None:
     tracking.log_file(path, CHECKPOINT_DIR)
 
 
-def _log_final(state: TrainState, config: TrainConfig, test: SplitData, classes, device) -> None:
+def _log_final(state: TrainState, config: TrainConfig, test: SplitData, runtime) -> None:
     """Best weights -> test metrics, predictions, history and the model."""
+    classes = get_schema(config.dataset).classes
     state.model.load_state_dict(state.best_weights)
-    _, metrics, probs = evaluate_split(state.model, test, classes, device, config.batch_size)
+    _, metrics, probs = evaluate_split(state.model, test, classes, runtime, config.batch_size)
     tracking.log_metrics({**summarize(metrics, "test"), "best_epoch": _best_epoch(state)})
     tracking.log_table(metrics, "per_class_metrics.csv")
     tracking.log_table(
         predictions_frame(test.image_ids, probs, test.labels, classes), "predictions.parquet"
     )
     tracking.log_table(pd.DataFrame(state.history), "history.csv")
-    tracking.log_model(state.model.float().cpu(), example_input(test.images))
+    tracking.log_model(state.model, example_input(test.images))
 
 
 def _best_epoch(state: TrainState) -> int:
     return min(state.history, key=lambda row: row["val_loss"])["epoch"]
 
 
+@dataclass(frozen=True)
+class Finetune:
+    """Optional fine-tuning after pruning (0 epochs = the paper's setting)."""
+
+    epochs: int = 0
+    lr: float = 1e-4
+    batch_size: int = 256
+
+
 def finetune_model(
-    model: nn.Module, train: SplitData, *, epochs: int, lr: float, batch_size: int, seed: int
+    model: nn.Module, train: SplitData, finetune: Finetune, *, seed: int, runtime: Runtime
 ) -> None:
-    """A few epochs of training (Adam, BCE, same augmentation) of an already pruned model."""
+    """A few epochs of training (Adam, BCE, same augmentation) of an already pruned model that
+    is on `runtime`'s device."""
     torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=finetune.lr)
     state = TrainState(model, optimizer, torch.Generator().manual_seed(seed))
-    device = next(model.parameters()).device
-    for _ in range(epochs):
-        train_one_epoch(state, train, batch_size, device)
+    for _ in range(finetune.epochs):
+        train_one_epoch(state, train, finetune.batch_size, runtime)
         state.epoch += 1
     model.eval()

@@ -19,6 +19,18 @@ from prunecxr.data.synthetic import write_synthetic
 TINY_SPLITS = {"train": 96, "val": 48, "test": 64}
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """`gpu` tests run where torch sees a CUDA device and are skipped elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_nih(tmp_path_factory) -> Path:
     """A 32 px synthetic NIH-CXR-LT with ~200 images (seconds to train a ResNet18 on)."""

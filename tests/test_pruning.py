@@ -102,3 +102,16 @@ def test_zeros_stay_zero_while_fine_tuning(resnet18):
     after = _flat_weights(model)
     assert (after[zero_before] == 0).all()
     assert not torch.equal(after[~zero_before], _flat_weights(resnet18)[~zero_before])
+
+
+@pytest.mark.parametrize("method", ["l1", "random", "structured"])
+def test_a_channels_last_model_from_a_gpu_prunes_like_the_standard_layout(resnet18, method):
+    """Training on CUDA leaves weights channels_last; torch.nn.utils.prune views every weight
+    as a vector, which that layout refused before prune_model put it back in NCHW order."""
+    standard = prune_model(copy.deepcopy(resnet18), method, 0.5, example_inputs=EXAMPLE, seed=3)
+    channels_last = copy.deepcopy(resnet18).to(memory_format=torch.channels_last)
+    assert not channels_last.conv1.weight.is_contiguous()
+    pruned = prune_model(channels_last, method, 0.5, example_inputs=EXAMPLE, seed=3)
+    for a, b in zip(standard.state_dict().values(), pruned.state_dict().values()):
+        assert torch.equal(a, b)
+    assert all(p.is_contiguous() for p in pruned.parameters())

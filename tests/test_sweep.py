@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from prunecxr import PrunecxrError, tracking
 from prunecxr.data import get_schema, load_split
 from prunecxr.evaluate import predict_logits, sigmoid
+from prunecxr.runtime import resolve_runtime
 from prunecxr.sweep import (
     CELL_TAG,
     CellSettings,
@@ -70,7 +71,7 @@ def test_prune_defaults_to_the_newest_train_run_and_logs_a_complete_run(
     model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
     assert model.layer1[0].conv1.out_channels < 64
     test = load_split(NIH, tiny_nih, tiny_nih, "test", 32, cache_dir=cache_dir)
-    probs = sigmoid(predict_logits(model, test.images, device=torch.device("cpu")))
+    probs = sigmoid(predict_logits(model, test.images, runtime=resolve_runtime("cpu")))
     logged = pd.read_parquet(
         mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="predictions.parquet")
     )

@@ -15,6 +15,7 @@ from prunecxr import PrunecxrError, tracking
 from prunecxr.data import get_schema, load_split
 from prunecxr.data.schemas import class_slug
 from prunecxr.evaluate import predict_logits, sigmoid
+from prunecxr.runtime import resolve_runtime
 from prunecxr.train import TrainConfig, resume_training, run_training
 
 NIH = get_schema("nih-cxr-lt")
@@ -80,7 +81,7 @@ def test_logged_model_reproduces_the_logged_predictions(tiny_nih, cache_dir, mlf
     run_id = run_training(tiny_config(tiny_nih, cache_dir, max_epochs=1))
     model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
     test = load_split(NIH, tiny_nih, tiny_nih, "test", 32, cache_dir=cache_dir)
-    probs = sigmoid(predict_logits(model, test.images, device=torch.device("cpu")))
+    probs = sigmoid(predict_logits(model, test.images, runtime=resolve_runtime("cpu")))
     predictions = _predictions(run_id)
     assert list(predictions["image"]) == list(test.image_ids)
     np.testing.assert_allclose(predictions[list(NIH.classes)].to_numpy(), probs, atol=1e-5)
@@ -120,7 +121,7 @@ def test_early_stopping_keeps_the_best_weights(tiny_nih, cache_dir, mlflow_store
     assert MlflowClient().get_run(run_id).data.metrics["best_epoch"] == best.epoch
     model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
     val = load_split(NIH, tiny_nih, tiny_nih, "val", 32, cache_dir=cache_dir)
-    logits = predict_logits(model, val.images, device=torch.device("cpu"))
+    logits = predict_logits(model, val.images, runtime=resolve_runtime("cpu"))
     loss = torch.nn.functional.binary_cross_entropy_with_logits(
         torch.from_numpy(logits), torch.from_numpy(val.labels)
     )

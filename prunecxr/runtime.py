@@ -1,0 +1,86 @@
+"""Where and how a model runs: the device, the memory layout and the autocast precision.
+
+On CUDA the defaults are channels_last and bf16 autocast (the fast path on Ampere/Hopper); on the
+CPU, neither. Every switch can be chosen on either device with the same code, so CI runs the
+GPU's code path on a CPU. Models are stored (logged, checkpointed, pruned) in the standard
+contiguous layout, whatever layout they ran in, so they load and prune anywhere."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prunecxr import PrunecxrError
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A resolved device, layout and precision (no "auto" left)."""
+
+    device: torch.device
+    channels_last: bool
+    precision: str  # "bf16" (autocast) or "fp32"
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def place_model(self, model: nn.Module) -> nn.Module:
+        """Move `model` to the device in the runtime's layout (in place; returns it)."""
+        return model.to(self.device, memory_format=self.memory_format)
+
+    def place_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) float batch -> the runtime's layout (a no-op when it already is)."""
+        return batch.contiguous(memory_format=self.memory_format)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def describe(self) -> dict[str, str]:
+        """What ran, for the run's params: device, channels_last, precision."""
+        return {
+            "device": self.device.type,
+            "channels_last": str(self.channels_last).lower(),
+            "precision": self.precision,
+        }
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name not in DEVICES:
+        raise PrunecxrError(f"unknown device {name!r}; valid: {', '.join(DEVICES)}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PrunecxrError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_runtime(
+    device: str = "auto", channels_last: bool | None = None, precision: str = "auto"
+) -> Runtime:
+    """Resolve "auto" (and channels_last None) per device: on CUDA channels_last + bf16, on the
+    CPU the standard layout + fp32."""
+    if precision not in PRECISIONS:
+        raise PrunecxrError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    resolved = resolve_device(device)
+    on_cuda = resolved.type == "cuda"
+    return Runtime(
+        resolved,
+        on_cuda if channels_last is None else channels_last,
+        ("bf16" if on_cuda else "fp32") if precision == "auto" else precision,
+    )
+
+
+def standard_layout(model: nn.Module) -> nn.Module:
+    """The model's 4-d weights back in the contiguous (NCHW) layout, in place; returns it.
+    Needed before flattening weights (torch.nn.utils.prune views them as vectors) and before a
+    model is saved, so that what is stored loads and prunes in any layout."""
+    return model.to(memory_format=torch.contiguous_format)

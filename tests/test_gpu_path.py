@@ -1,0 +1,56 @@
+"""The GPU's code path end to end: channels_last + bf16 through train -> sweep -> analyze.
+
+CI runs it on the CPU (every switch is selectable there); the `gpu`-marked case runs the same
+study on CUDA where there is one (`bash ci/test.sh -m gpu`) and is skipped elsewhere."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+
+from tests.test_cli import prunecxr
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_study_on_the_gpu_code_path_finishes(device, tmp_path, mlflow_store):
+    result = prunecxr(
+        "study",
+        "--device",
+        device,
+        "--channels-last",
+        "--precision",
+        "bf16",
+        "--demo-dir",
+        str(tmp_path / "demo"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--seeds",
+        "2",
+        "--max-epochs",
+        "1",
+        "--methods",
+        "l1,random,structured",
+        "--sparsities",
+        "0,0.5,0.9",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = mlflow.search_runs(experiment_names=["prunecxr"])
+    stages = runs["tags.prunecxr.stage"].value_counts().to_dict()
+    assert stages == {"study": 1, "train": 2, "sweep": 1, "prune": 2 * 3 * 3, "analyze": 1}
+    assert set(runs["status"]) == {"FINISHED"}
+    ran = runs[runs["tags.prunecxr.stage"].isin(["train", "prune"])]
+    assert set(ran["params.device_resolved"]) == {device}
+    assert set(ran["params.channels_last_resolved"]) == {"true"}
+    assert set(ran["params.precision_resolved"]) == {"bf16"}
+    pruned = runs[runs["params.method"] == "l1"]
+    assert pruned["metrics.achieved_sparsity"].round(3).tolist() == pytest.approx(
+        pruned["params.sparsity"].astype(float).round(3).tolist()
+    )
+    # Trained channels_last, logged in the standard layout: loads and prunes anywhere.
+    train_id = runs[runs["tags.prunecxr.stage"] == "train"].run_id.iloc[0]
+    model = mlflow.pytorch.load_model(f"runs:/{train_id}/model", map_location="cpu")
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert next(model.parameters()).dtype == torch.float32

@@ -1,0 +1,38 @@
+"""Device, memory layout and precision: the GPU's fast path, selectable on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prunecxr import PrunecxrError
+from prunecxr.models import create_model
+from prunecxr.runtime import resolve_runtime, standard_layout
+
+
+def test_defaults_per_device():
+    cpu = resolve_runtime("cpu")
+    assert (cpu.channels_last, cpu.precision) == (False, "fp32")
+    if torch.cuda.is_available():
+        cuda = resolve_runtime("cuda")
+        assert (cuda.channels_last, cuda.precision) == (True, "bf16")
+
+
+def test_every_switch_is_selectable_on_the_cpu():
+    runtime = resolve_runtime("cpu", channels_last=True, precision="bf16")
+    model = runtime.place_model(create_model("resnet18", 20)).eval()
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    batch = runtime.place_batch(torch.randn(2, 3, 32, 32))
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), runtime.autocast():
+        assert model(batch).dtype == torch.bfloat16
+    assert runtime.describe() == {"device": "cpu", "channels_last": "true", "precision": "bf16"}
+    standard_layout(model)
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_unknown_choices_list_the_valid_ones():
+    with pytest.raises(PrunecxrError, match="auto, bf16, fp32"):
+        resolve_runtime("cpu", precision="fp16")
+    with pytest.raises(PrunecxrError, match="auto, cpu, cuda"):
+        resolve_runtime("tpu")
