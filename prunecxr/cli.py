@@ -12,6 +12,7 @@ from prunecxr import PrunecxrError
 from prunecxr.cli_settings import (
     cache_override,
     cell_settings,
+    checkpoint_seeds,
     data_options,
     dataset_option,
     experiment_option,
@@ -154,14 +155,23 @@ def study(demo_dir, seeds, methods, sparsities, experiment, **settings) -> None:
     help="Fraction of Conv2d/Linear weights zeroed or removed.",
 )
 @click.option("--log-model/--no-log-model", default=True, show_default=True)
+@click.option(
+    "--seed",
+    type=int,
+    help="Seed of a checkpoint file's model [default: from the original layout "
+    "<dir>_seed-<s>/chkpt.pt, else 0]; a train run's model keeps its run's seed.",
+)
 @source_options
-def prune(model_uri, method, sparsity, log_model, experiment, **settings) -> None:
+def prune(model_uri, method, sparsity, log_model, seed, experiment, **settings) -> None:
     """Prune one model once, evaluate it on the test set, log a prune run."""
     from prunecxr import tracking
-    from prunecxr.sweep import default_model_uri, run_prune
+    from prunecxr.sources import default_model_uri
+    from prunecxr.sweep import run_prune
 
     tracking.use_experiment(experiment)
-    source = load_source_from_settings(model_uri or default_model_uri(), settings)
+    uri = model_uri or default_model_uri()
+    typed_seed = None if seed is None else str(seed)
+    source = load_source_from_settings(uri, settings, checkpoint_seeds([uri], typed_seed)[0])
     run_id = run_prune(
         source, method, sparsity, cell_settings(settings, log_model), finetune_settings(settings)
     )
@@ -184,17 +194,31 @@ def prune(model_uri, method, sparsity, log_model, experiment, **settings) -> Non
     show_default=True,
     help="start:stop:step (stop included) or a comma list.",
 )
-@click.option("--log-models", is_flag=True, help="Also log every pruned model (large).")
+@click.option(
+    "--log-models/--no-log-models",
+    default=False,
+    show_default=True,
+    help="Also log every pruned model (large).",
+)
+@click.option(
+    "--seeds",
+    help="Seeds of the checkpoint files, one per --model-uri in order (e.g. 0,1,2) "
+    "[default: from the original layout <dir>_seed-<s>/chkpt.pt].",
+)
 @source_options
-def sweep(model_uris, methods, sparsities, log_models, experiment, **settings) -> None:
+def sweep(model_uris, methods, sparsities, log_models, seeds, experiment, **settings) -> None:
     """Every model x method x sparsity as nested prune runs under one sweep run."""
     from prunecxr import tracking
-    from prunecxr.sweep import default_model_uri, parse_sparsities, run_sweep
+    from prunecxr.sources import default_model_uri
+    from prunecxr.sweep import parse_sparsities, run_sweep
 
     tracking.use_experiment(experiment)
     method_list = parse_methods(methods)
     uris = [u for given in model_uris for u in given.split(",") if u] or [default_model_uri()]
-    sources = [load_source_from_settings(uri, settings) for uri in uris]
+    sources = [
+        load_source_from_settings(uri, settings, seed)
+        for uri, seed in zip(uris, checkpoint_seeds(uris, seeds))
+    ]
     sweep_id = run_sweep(
         sources,
         method_list,

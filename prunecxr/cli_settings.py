@@ -154,8 +154,8 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def load_source_from_settings(uri: str, settings: dict):
-    from prunecxr.sweep import DataSettings, load_source
+def load_source_from_settings(uri: str, settings: dict, seed: int | None = None):
+    from prunecxr.sources import DataSettings, load_source
 
     fallback = None
     if settings["data_dir"] is not None:
@@ -167,7 +167,28 @@ def load_source_from_settings(uri: str, settings: dict):
             **cache_override(settings["cache_dir"]),
         )
     cache_dir = str(settings["cache_dir"]) if settings["cache_dir"] else None
-    return load_source(uri, fallback=fallback, arch=settings["arch"], cache_dir=cache_dir)
+    return load_source(
+        uri, fallback=fallback, arch=settings["arch"], cache_dir=cache_dir, seed=seed
+    )
+
+
+def checkpoint_seeds(uris: list[str], text: str | None) -> list[int | None]:
+    """--seed/--seeds: one seed per model URI, for checkpoint files only (None: from the
+    file's place in the original layout)."""
+    if not text:
+        return [None] * len(uris)
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise PrunecxrError(f"bad seeds {text!r}: give whole numbers, e.g. 0,1,2") from None
+    if len(seeds) != len(uris):
+        raise PrunecxrError(f"{len(seeds)} seeds ({text}) for {len(uris)} models: give one each")
+    runs = [uri for uri in uris if uri.startswith(("runs:/", "models:/"))]
+    if runs:
+        raise PrunecxrError(
+            f"seeds are for checkpoint files; {runs[0]} keeps the seed of its train run"
+        )
+    return seeds
 
 
 def cell_settings(settings: dict, log_model: bool):

@@ -6,15 +6,17 @@ minutes on a 2-core CPU."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from prunecxr import PrunecxrError, tracking
+from prunecxr import PrunecxrError, ownership, tracking
 from prunecxr.analysis.stage import analyze_sweep
 from prunecxr.data import SPLITS, get_schema
 from prunecxr.data.synthetic import read_marker, write_synthetic
-from prunecxr.sweep import CellSettings, load_source, run_sweep
-from prunecxr.train import TrainConfig, run_training
+from prunecxr.sources import load_source
+from prunecxr.sweep import SWEEP_KEY_TAG, CellSettings, run_sweep, sweep_key
+from prunecxr.train import CHECKPOINT_ARTIFACT, TrainConfig, resume_training, run_training
 
 # The demo's data and model: small enough for minutes on 2 CPU cores, large enough that head
 # classes are learned and tail classes are not (each comment says why the value was chosen).
@@ -33,6 +35,9 @@ DEMO_SPARSITIES = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)  # where the curves bend,
 PAPER_METHODS = ("l1", "random")
 PAPER_SPARSITIES = tuple(round(0.05 * i, 2) for i in range(20))  # 0, 0.05, ..., 0.95
 PAPER_SEEDS = 30
+STUDY_KEY_TAG = "prunecxr.study_key"
+# Where and how fast a study runs may change when it is continued; what it computes may not.
+RUNTIME_FIELDS = ("device", "channels_last", "precision", "num_workers", "cache_dir")
 
 
 @dataclass(frozen=True)
@@ -69,27 +74,75 @@ def ensure_demo_data(demo_dir: Path, dataset: str = "nih-cxr-lt") -> None:
     write_synthetic(schema, demo_dir, DEMO_SPLIT_SIZES, image_size=DEMO_TRAIN["image_size"])
 
 
+def study_key(config: StudyConfig) -> str:
+    """Identifies a study by what it computes (not where or how fast), so that running the same
+    command again continues it."""
+    train = {k: v for k, v in dataclasses.asdict(config.train).items() if k not in RUNTIME_FIELDS}
+    text = repr((sorted(train.items()), config.seeds, config.methods, config.sparsities))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def run_study(config: StudyConfig) -> str:
-    """study -> train (one nested run per seed) -> sweep -> analyze, all nested."""
-    with tracking.start_run("study", run_name=f"study-{config.train.dataset}") as study_id:
-        tracking.log_params(
-            {
-                "dataset": config.train.dataset,
-                "arch": config.train.arch,
-                "image_size": config.train.image_size,
-                "seeds": ",".join(map(str, config.seeds)),
-                "methods": ",".join(config.methods),
-            }
-        )
-        train_ids = [run_training(dataclasses.replace(config.train, seed=s)) for s in config.seeds]
-        sources = [load_source(f"runs:/{run_id}/model") for run_id in train_ids]
-        settings = CellSettings(
-            device=config.train.device,
-            channels_last=config.train.channels_last,
-            precision=config.train.precision,
-            batch_size=config.train.batch_size,
-            num_workers=config.train.num_workers,
-        )
-        sweep_id = run_sweep(sources, list(config.methods), list(config.sparsities), settings)
-        analyze_sweep(sweep_id)
+    """study -> train (one nested run per seed) -> sweep -> analyze, all nested. An unfinished
+    study of the same settings is continued: finished train runs are reused, unfinished ones
+    resumed from their checkpoints, the sweep skips finished cells, analysis runs once."""
+    key = study_key(config)
+    resume_id = tracking.find_unfinished_run_id("study", STUDY_KEY_TAG, key)
+    if resume_id:
+        ownership.refuse_if_alive(resume_id, "study")
+        tracking.end_unfinished_children(resume_id)
+        print(f"continuing study {resume_id}")
+    name = f"study-{config.train.dataset}"
+    with tracking.start_run("study", run_name=name, run_id=resume_id) as study_id:
+        with ownership.owned(study_id):
+            if resume_id is None:
+                tracking.set_tags({STUDY_KEY_TAG: key})
+                tracking.log_params(_study_params(config))
+            train_ids = [_train_seed(study_id, config.train, seed) for seed in config.seeds]
+            sweep_id = _sweep(study_id, config, train_ids)
+            if not tracking.finished_children(study_id, "analyze"):
+                analyze_sweep(sweep_id)
     return study_id
+
+
+def _study_params(config: StudyConfig) -> dict:
+    return {
+        "dataset": config.train.dataset,
+        "arch": config.train.arch,
+        "image_size": config.train.image_size,
+        "seeds": ",".join(map(str, config.seeds)),
+        "methods": ",".join(config.methods),
+    }
+
+
+def _train_seed(study_id: str, train: TrainConfig, seed: int) -> str:
+    """The study's train run of `seed`: reused when finished, resumed from its last checkpoint
+    when not, trained when there is none."""
+    config = dataclasses.replace(train, seed=seed)
+    for run_id, status, settings in tracking.children(study_id, "train"):
+        if settings.get("seed") != str(seed):
+            continue
+        if status == "FINISHED":
+            return run_id
+        if tracking.has_artifact(run_id, CHECKPOINT_ARTIFACT):
+            runtime = {field: getattr(config, field) for field in RUNTIME_FIELDS}
+            return resume_training(run_id, **runtime)
+    return run_training(config)
+
+
+def _sweep(study_id: str, config: StudyConfig, train_ids: list[str]) -> str:
+    """The study's finished sweep if it has one, else the sweep run (new or continued)."""
+    sources = [load_source(f"runs:/{run_id}/model") for run_id in train_ids]
+    methods, sparsities = list(config.methods), list(config.sparsities)
+    key = sweep_key(sources, methods, sparsities)
+    finished = tracking.finished_child_tags(study_id, "sweep", SWEEP_KEY_TAG, with_ids=True)
+    if key in finished:
+        return finished[key]
+    settings = CellSettings(
+        device=config.train.device,
+        channels_last=config.train.channels_last,
+        precision=config.train.precision,
+        batch_size=config.train.batch_size,
+        num_workers=config.train.num_workers,
+    )
+    return run_sweep(sources, methods, sparsities, settings)

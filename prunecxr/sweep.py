@@ -16,9 +16,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from prunecxr import PrunecxrError, tracking
+from prunecxr import PrunecxrError, ownership, tracking
 from prunecxr.data import SplitData, get_schema, load_split
-from prunecxr.data.cache import DEFAULT_CACHE_DIR
 from prunecxr.evaluate import (
     example_input,
     per_class_metrics,
@@ -27,38 +26,14 @@ from prunecxr.evaluate import (
     sigmoid,
     summarize,
 )
-from prunecxr.models import create_model, load_state_file
 from prunecxr.pruning import count_macs, count_prunable, nonzero_parameters, prune_model
 from prunecxr.runtime import Runtime, resolve_runtime
+from prunecxr.sources import DataSettings, ModelSource, check_distinct_seeds
 from prunecxr.train import Finetune
 
 CELL_TAG = "prunecxr.cell"
 SWEEP_KEY_TAG = "prunecxr.sweep_key"
 LATENCY_BATCH = 32
-
-
-@dataclass(frozen=True)
-class DataSettings:
-    """Where a model's test data is and how it was prepared (from its train run or the CLI)."""
-
-    dataset: str
-    data_dir: str
-    label_dir: str
-    image_size: int
-    cache_dir: str = str(DEFAULT_CACHE_DIR)
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A model to prune: the unpruned network, where it came from, and its settings."""
-
-    uri: str
-    run_id: str | None  # the train run that logged it; None for a checkpoint file
-    arch: str
-    seed: int
-    pretrained: str
-    data: DataSettings
-    model: nn.Module
 
 
 @dataclass(frozen=True)
@@ -69,46 +44,6 @@ class CellSettings:
     batch_size: int = 256
     log_model: bool = False  # sweeps keep only metrics and predictions per cell
     num_workers: int = 0  # processes decoding images if the test-set cache must be built
-
-
-def default_model_uri() -> str:
-    hint = "train one first (prunecxr train ...) or pass --model-uri"
-    return f"runs:/{tracking.newest_finished_run_id('train', how_to_make_one=hint)}/model"
-
-
-def load_source(
-    uri: str,
-    *,
-    fallback: DataSettings | None = None,
-    arch: str = "resnet50",
-    cache_dir: str | None = None,
-) -> ModelSource:
-    """runs:/<id>/model, models:/<name>/<version> (settings from the train run that logged it)
-    or a checkpoint file in the original format (settings from `fallback` and `arch`)."""
-    if uri.startswith(("runs:/", "models:/")):
-        run_id = tracking.model_run_id(uri)
-        params = tracking.run_settings(tracking.get_run(run_id))
-        data = DataSettings(
-            params["dataset"],
-            params["data_dir"],
-            params["label_dir"],
-            int(params["image_size"]),
-            cache_dir or params.get("cache_dir", str(DEFAULT_CACHE_DIR)),
-        )
-        model = tracking.load_model(uri)
-        return ModelSource(
-            uri, run_id, params["arch"], int(params["seed"]), params["pretrained"], data, model
-        )
-    if fallback is None:
-        raise PrunecxrError(
-            f"{uri} is a checkpoint file: give --dataset, --data-dir and --image-size for it"
-        )
-    model = create_model(arch, get_schema(fallback.dataset).num_classes)
-    try:
-        model.load_state_dict(load_state_file(Path(uri)))
-    except RuntimeError as error:
-        raise PrunecxrError(f"{uri} does not fit {arch}: {error}") from None
-    return ModelSource(uri, None, arch, 0, "checkpoint", fallback, model)
 
 
 @functools.lru_cache(maxsize=8)
@@ -131,13 +66,14 @@ def load_test_split(data: DataSettings, num_workers: int = 0) -> SplitData:
     return SplitData(split.image_ids, np.array(split.images), split.labels)
 
 
-def sweep_key(uris: list[str], methods: list[str], sparsities: list[float]) -> str:
-    text = repr((sorted(uris), sorted(methods), sorted(sparsities)))
+def sweep_key(sources: list[ModelSource], methods: list[str], sparsities: list[float]) -> str:
+    """Identifies a sweep by what it covers, so that running it again continues it."""
+    text = repr((sorted(s.key for s in sources), sorted(methods), sorted(sparsities)))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def cell_key(source: ModelSource, method: str, sparsity: float) -> str:
-    return f"{source.run_id or source.uri}|{method}|{sparsity:g}"
+    return f"{source.key}|{method}|{sparsity:g}"
 
 
 def run_cell(
@@ -185,15 +121,9 @@ def _cell_params(
     source: ModelSource, method: str, sparsity: float, finetune: Finetune, settings: CellSettings
 ) -> dict:
     return {
-        "dataset": source.data.dataset,
-        "arch": source.arch,
-        "seed": source.seed,
-        "image_size": source.data.image_size,
-        "pretrained": source.pretrained,
+        **source.params(),
         "method": method,
         "sparsity": sparsity,
-        "source_run_id": source.run_id or "",
-        "model_uri": source.uri,
         "finetune_epochs": finetune.epochs,
         "device": settings.device,
         "channels_last": settings.channels_last,
@@ -263,36 +193,45 @@ def run_sweep(
 ) -> str:
     """Every (model, method, sparsity) cell as a nested prune run under one sweep run. A sweep
     with the same models, methods and sparsities that did not finish is continued: its finished
-    cells are skipped. Returns the sweep run's id."""
-    key = sweep_key([s.run_id or s.uri for s in sources], methods, sparsities)
+    cells are skipped (while its process is alive, a second one is refused). Returns the sweep
+    run's id."""
+    check_distinct_seeds(sources)
+    key = sweep_key(sources, methods, sparsities)
     resume_id = tracking.find_unfinished_run_id("sweep", SWEEP_KEY_TAG, key)
-    with tracking.start_run(
-        "sweep", run_name=f"sweep-{'-'.join(methods)}", run_id=resume_id
-    ) as sweep_id:
-        if resume_id is None:
-            tracking.set_tags({SWEEP_KEY_TAG: key})
-            tracking.log_params(
-                {
-                    "methods": ",".join(methods),
-                    "sparsities": ",".join(f"{k:g}" for k in sparsities),
-                    "model_uris": ",".join(s.uri for s in sources),
-                    "cells": len(sources) * len(methods) * len(sparsities),
-                    "finetune_epochs": finetune.epochs,
-                }
-            )
-        done = tracking.finished_child_tags(sweep_id, "prune", CELL_TAG) if resume_id else set()
-        cells = [(s, m, k) for s in sources for m in methods for k in sparsities]
-        todo = [cell for cell in cells if cell_key(*cell) not in done]
-        if resume_id:
-            print(
-                f"continuing sweep {sweep_id}: {len(cells) - len(todo)} of {len(cells)} cells done"
-            )
-        tests: dict[DataSettings, SplitData] = {}
-        for source, method, sparsity in tqdm(todo, desc="sweep", unit="cell"):
-            if source.data not in tests:
-                tests[source.data] = load_test_split(source.data, settings.num_workers)
-            run_cell(source, method, sparsity, tests[source.data], settings, finetune)
+    if resume_id:
+        ownership.refuse_if_alive(resume_id, "sweep")
+        tracking.end_unfinished_children(resume_id)
+    name = f"sweep-{'-'.join(methods)}"
+    with tracking.start_run("sweep", run_name=name, run_id=resume_id) as sweep_id:
+        with ownership.owned(sweep_id):
+            if resume_id is None:
+                tracking.set_tags({SWEEP_KEY_TAG: key})
+                tracking.log_params(_sweep_params(sources, methods, sparsities, finetune))
+            cells = [(s, m, k) for s in sources for m in methods for k in sparsities]
+            done = tracking.finished_child_tags(sweep_id, "prune", CELL_TAG)
+            todo = [cell for cell in cells if cell_key(*cell) not in done]
+            if resume_id:
+                print(f"continuing sweep {sweep_id}: {len(cells) - len(todo)} of {len(cells)} done")
+            _run_cells(todo, settings, finetune)
     return sweep_id
+
+
+def _sweep_params(sources, methods, sparsities, finetune: Finetune) -> dict:
+    return {
+        "methods": ",".join(methods),
+        "sparsities": ",".join(f"{k:g}" for k in sparsities),
+        "model_uris": ",".join(s.uri for s in sources),
+        "cells": len(sources) * len(methods) * len(sparsities),
+        "finetune_epochs": finetune.epochs,
+    }
+
+
+def _run_cells(cells: list, settings: CellSettings, finetune: Finetune) -> None:
+    tests: dict[DataSettings, SplitData] = {}
+    for source, method, sparsity in tqdm(cells, desc="sweep", unit="cell"):
+        if source.data not in tests:
+            tests[source.data] = load_test_split(source.data, settings.num_workers)
+        run_cell(source, method, sparsity, tests[source.data], settings, finetune)
 
 
 def parse_sparsities(text: str) -> list[float]:

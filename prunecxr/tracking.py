@@ -233,12 +233,20 @@ def get_run(run_id: str):
 
 
 def where_to_browse(run_id: str) -> str:
-    """The run's page on a tracking server, or the `mlflow ui` command for a local store."""
+    """The run's page on a tracking server, or the `mlflow ui` command for a local store. The
+    link opens MLflow 3's "Model training" view (its UI otherwise starts in the GenAI view)."""
     uri = mlflow.get_tracking_uri()
-    page = f"#/experiments/{get_run(run_id).info.experiment_id}/runs/{run_id}"
+    experiment_id = get_run(run_id).info.experiment_id
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{page}"
     return f"mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000/{page})"
+
+
+def has_artifact(run_id: str, artifact_path: str) -> bool:
+    folder = str(Path(artifact_path).parent)
+    listed = MlflowClient().list_artifacts(run_id, None if folder == "." else folder)
+    return any(item.path == artifact_path for item in listed)
 
 
 def run_finished(run_id: str) -> bool:
@@ -251,6 +259,13 @@ def run_stage(run) -> str | None:
 
 def set_tags(tags: dict[str, str]) -> None:
     mlflow.set_tags(tags)
+
+
+def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
+    """Tags on any run, active or not (safe from a background thread)."""
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
 
 
 def model_run_id(model_uri: str) -> str | None:
@@ -286,10 +301,12 @@ def find_unfinished_run_id(stage: str, tag: str, value: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def finished_child_tags(parent_run_id: str, stage: str, tag: str) -> set[str]:
-    """Values of `tag` on the finished `stage` runs directly under `parent_run_id`."""
+def finished_child_tags(parent_run_id: str, stage: str, tag: str, with_ids: bool = False):
+    """Values of `tag` on the finished `stage` runs directly under `parent_run_id` (a set), or
+    with `with_ids` a dict value -> run id."""
     runs = _finished_child_runs(parent_run_id, stage)
-    return {run.data.tags[tag] for run in runs if tag in run.data.tags}
+    found = {run.data.tags[tag]: run.info.run_id for run in runs if tag in run.data.tags}
+    return found if with_ids else set(found)
 
 
 def _search(query: str, experiment_ids: list[str] | None = None) -> list:
@@ -309,11 +326,31 @@ def _search(query: str, experiment_ids: list[str] | None = None) -> list:
             return runs
 
 
+def children(parent_run_id: str, stage: str) -> list[tuple[str, str, dict[str, str]]]:
+    """(run id, status, settings) of every `stage` run directly under `parent_run_id`, newest
+    first."""
+    runs = _search(
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{STAGE_TAG}` = '{stage}'"
+    )
+    return [(run.info.run_id, run.info.status, run_settings(run)) for run in runs]
+
+
+def end_unfinished_children(parent_run_id: str) -> int:
+    """Mark runs left RUNNING under a dead parent (its process was killed) as KILLED, so that
+    the UI does not show them running forever. Returns how many."""
+    client, ended = MlflowClient(), 0
+    for stage in STAGES:
+        for run_id, status, _ in children(parent_run_id, stage):
+            if status == "RUNNING":
+                client.set_terminated(run_id, "KILLED")
+                ended += 1
+    return ended
+
+
 def finished_children(parent_run_id: str, stage: str) -> list[tuple[str, dict[str, str]]]:
-    """(run id, params) of the finished `stage` runs directly under `parent_run_id`."""
+    """(run id, settings) of the finished `stage` runs directly under `parent_run_id`."""
     return [
-        (run.info.run_id, dict(run.data.params))
-        for run in _finished_child_runs(parent_run_id, stage)
+        (run.info.run_id, run_settings(run)) for run in _finished_child_runs(parent_run_id, stage)
     ]
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from prunecxr import PrunecxrError, tracking
+from prunecxr import PrunecxrError, ownership, tracking
 from prunecxr.data import SplitData, get_schema, load_split
 from prunecxr.data.cache import DEFAULT_CACHE_DIR
 from prunecxr.data.synthetic import read_marker
@@ -34,6 +34,7 @@ from prunecxr.runtime import Runtime, resolve_runtime
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/last.pt"
+RESUMED_TAG = "prunecxr.resumed"  # what each resumed session changed
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,7 @@ def resume_training(run_id: str, **overrides) -> str:
     `overrides` (only what the user typed) replace those in RESUME_OVERRIDABLE. A run whose
     epochs are done but whose final results were never logged (it died while logging them)
     logs them now."""
+    ownership.refuse_if_alive(run_id, "train run")
     checkpoint = fetch_checkpoint(run_id)
     stored = checkpoint["config"]
     fixed = sorted(
@@ -252,7 +254,10 @@ def _train(config: TrainConfig, checkpoint: dict | None, run_id: str | None) -> 
         state = create_state(config, len(classes), runtime)
     splits = load_splits(config)
     run_name = f"train-{config.arch}-seed{config.seed}"
-    with tracking.start_run("train", run_name=run_name, run_id=run_id) as active_id:
+    with (
+        tracking.start_run("train", run_name=run_name, run_id=run_id) as active_id,
+        ownership.owned(active_id),
+    ):
         if checkpoint:
             tracking.set_tags({RESUMED_TAG: _resume_note(checkpoint, config, runtime)})
         else:
@@ -262,9 +267,6 @@ def _train(config: TrainConfig, checkpoint: dict | None, run_id: str | None) -> 
             fit(state, config, splits, runtime, lambda s: _log_epoch(s, config, Path(tmp)))
         _log_final(state, config, splits["test"], runtime)
     return active_id
-
-
-RESUMED_TAG = "prunecxr.resumed"
 
 
 def _resume_note(checkpoint: dict, config: TrainConfig, runtime: Runtime) -> str:

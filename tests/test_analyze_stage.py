@@ -15,7 +15,8 @@ from PIL import Image
 
 from prunecxr import tracking
 from prunecxr.analysis.stage import analyze_sweep
-from prunecxr.sweep import CellSettings, load_source, run_sweep
+from prunecxr.sources import load_source
+from prunecxr.sweep import CellSettings, run_sweep
 from prunecxr.train import run_training
 from tests.test_train import tiny_config
 

@@ -1,4 +1,4 @@
-"""The `prunecxr` command line, the MLproject entry points and the demo study, end to end."""
+"""The `prunecxr` command line and the demo study, end to end."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import cli_env
@@ -24,39 +23,6 @@ def prunecxr(*args: str, **env: str) -> subprocess.CompletedProcess:
         env=cli_env(**env),
         timeout=900,
     )
-
-
-def mlflow_run(entry_point: str, experiment: str, **params) -> subprocess.CompletedProcess:
-    """`mlflow run` of this project's MLproject, as users run it without conda."""
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "run",
-        str(PROJECT_ROOT),
-        "-e",
-        entry_point,
-        "--env-manager",
-        "local",
-        "--experiment-name",
-        experiment,
-    ]
-    for name, value in params.items():
-        command += ["-P", f"{name}={value}"]
-    return subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=900)
-
-
-def test_mlproject_builds_its_conda_environment_from_conda_yaml():
-    """`mlflow run .` with conda: MLflow reads conda.yaml, which installs this package (its
-    dependencies come from pyproject.toml). Conda itself is not reachable from CI."""
-    from mlflow.projects import _project_spec
-
-    project = _project_spec.load_project(str(PROJECT_ROOT))
-    assert project.env_type == "conda_env"
-    conda = yaml.safe_load(Path(project.env_config_path).read_text())
-    assert "python=3.11" in conda["dependencies"]
-    assert {"pip": ["-e ."]} in conda["dependencies"]
-    assert set(project._entry_points) == {"main", "train", "prune", "sweep", "analyze"}
 
 
 def test_help_lists_every_command():
@@ -164,26 +130,3 @@ def test_demo_study_nests_train_sweep_and_analyze(tmp_path, mlflow_store):
     assert set(cells["params.source_run_id"]) == set(trains.run_id)
     analyze = runs[runs["tags.prunecxr.stage"] == "analyze"]
     assert len(analyze) == 1 and analyze["tags.mlflow.parentRunId"].iloc[0] == study.run_id.iloc[0]
-
-
-@pytest.mark.slow
-def test_mlflow_run_train_entry_point(tiny_nih, tmp_path, mlflow_store):
-    result = mlflow_run(
-        "train",
-        "mlproject",
-        data_dir=tiny_nih,
-        arch="resnet18",
-        image_size=32,
-        batch_size=32,
-        max_epochs=1,
-        lr="1e-3",
-        cache_dir=tmp_path / "cache",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = mlflow.search_runs(experiment_names=["mlproject"])
-    assert len(runs) == 1  # our code continued the run `mlflow run` created, no second run
-    assert runs["tags.prunecxr.stage"].iloc[0] == "train"
-    assert runs["params.image_size"].iloc[0] == "32"
-    assert runs["params.pretrained"].iloc[0] == "none"  # resolved, passed or not
-    assert runs["params.label_dir"].iloc[0] == str(tiny_nih)
-    assert runs["metrics.test_mAUC"].iloc[0] > 0

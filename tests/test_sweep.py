@@ -13,14 +13,8 @@ from prunecxr import PrunecxrError, tracking
 from prunecxr.data import get_schema, load_split
 from prunecxr.evaluate import predict_logits, sigmoid
 from prunecxr.runtime import resolve_runtime
-from prunecxr.sweep import (
-    CELL_TAG,
-    CellSettings,
-    DataSettings,
-    load_source,
-    parse_sparsities,
-    run_sweep,
-)
+from prunecxr.sources import DataSettings, load_source
+from prunecxr.sweep import CELL_TAG, CellSettings, parse_sparsities, run_sweep
 from prunecxr.train import run_training
 from tests.test_cli import prunecxr
 from tests.test_train import tiny_config
@@ -173,21 +167,9 @@ def test_bad_sparsities_are_refused(text):
         parse_sparsities(text)
 
 
-def test_mlflow_run_prune_entry_point_out_of_the_box(trained):
-    from tests.test_cli import mlflow_run
-
-    result = mlflow_run("prune", "prunecxr", sparsity=0.9, device="cpu")
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = mlflow.search_runs(
-        experiment_names=["prunecxr"], filter_string="tags.`prunecxr.stage` = 'prune'"
-    )
-    assert len(runs) == 1
-    assert runs["params.source_run_id"].iloc[0] == trained
-    assert runs["metrics.achieved_sparsity"].iloc[0] == pytest.approx(0.9, abs=1e-6)
-
-
 def test_finetuning_after_unstructured_pruning_keeps_the_sparsity(trained, cache_dir):
-    from prunecxr.sweep import Finetune, run_prune
+    from prunecxr.sweep import run_prune
+    from prunecxr.train import Finetune
 
     source = load_source(f"runs:/{trained}/model", cache_dir=str(cache_dir))
     settings = CellSettings(device="cpu", batch_size=64)

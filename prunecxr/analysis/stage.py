@@ -21,7 +21,8 @@ from prunecxr.data import get_schema
 from prunecxr.data.cache import decode_image
 from prunecxr.data.labels import read_labels
 from prunecxr.pruning import prunable_weights
-from prunecxr.sweep import load_source, load_test_split
+from prunecxr.sources import source_of_cell
+from prunecxr.sweep import load_test_split
 
 HISTOGRAM_SPARSITIES = (0.5, 0.9)
 
@@ -42,8 +43,12 @@ def analyze_sweep(sweep_run_id: str, *, cooccurrence_mode: str = "paper") -> str
         )
         for run_id, params in tqdm(cells, desc="reading predictions", unit="run")
     }
-    source_uri = f"runs:/{cells[0][1]['source_run_id']}/model"
-    source = load_source(source_uri)
+    if len(frames) < len(cells):
+        raise PrunecxrError(
+            f"sweep {sweep_run_id} has {len(cells)} finished prune runs but only {len(frames)} "
+            f"distinct (method, seed, sparsity) cells: two models share a seed"
+        )
+    source = source_of_cell(cells[0][1])  # data, labels and unpruned weights (histogram)
     schema = get_schema(source.data.dataset)
     train_labels = read_labels(schema, Path(source.data.label_dir), "train").labels
     preds = from_prediction_frames(schema, frames, train_labels)

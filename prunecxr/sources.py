@@ -1,0 +1,170 @@
+"""Model sources for prune, sweep and analyze: a train run's model (runs:/, models:/) with the
+settings of the run that logged it, or a checkpoint file of the original study with settings
+given on the command line. The original study kept seed s of a model in `<dir>_seed-<s>/chkpt.pt`
+and seed 0 in `<dir>/chkpt.pt`; its 30 seeds are told apart by that layout or by --seed(s)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from prunecxr import PrunecxrError, tracking
+from prunecxr.data import get_schema
+from prunecxr.data.cache import DEFAULT_CACHE_DIR
+from prunecxr.models import create_model, load_state_file
+
+CHECKPOINT_PRETRAINED = "checkpoint"  # the `pretrained` param of a checkpoint file's cells
+_SEED_DIR = re.compile(r"_seed-(\d+)$")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where a model's test data is and how it was prepared (from its train run or the CLI)."""
+
+    dataset: str
+    data_dir: str
+    label_dir: str
+    image_size: int
+    cache_dir: str = str(DEFAULT_CACHE_DIR)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model to prune: the unpruned network, where it came from, and its settings."""
+
+    uri: str  # runs:/..., models:/... or the checkpoint file's absolute path
+    run_id: str | None  # the train run that logged it; None for a checkpoint file
+    arch: str
+    seed: int
+    pretrained: str
+    data: DataSettings
+    model: nn.Module
+    sha256: str | None = None  # a checkpoint file's digest
+
+    @property
+    def key(self) -> str:
+        """Identifies the model: its train run, or the checkpoint file with its seed."""
+        return self.run_id or f"{self.uri}#seed{self.seed}"
+
+    def params(self) -> dict:
+        """The source's params on a prune run (design §5 plus where its data and file are)."""
+        params = {
+            "dataset": self.data.dataset,
+            "arch": self.arch,
+            "seed": self.seed,
+            "image_size": self.data.image_size,
+            "pretrained": self.pretrained,
+            "source_run_id": self.run_id or "",
+            "model_uri": self.uri,
+            "data_dir": self.data.data_dir,
+            "label_dir": self.data.label_dir,
+            "cache_dir": self.data.cache_dir,
+        }
+        if self.sha256:
+            params.update(checkpoint_path=self.uri, checkpoint_sha256=self.sha256)
+        return params
+
+
+def default_model_uri() -> str:
+    hint = "train one first (prunecxr train ...) or pass --model-uri"
+    return f"runs:/{tracking.newest_finished_run_id('train', how_to_make_one=hint)}/model"
+
+
+def load_source(
+    uri: str,
+    *,
+    fallback: DataSettings | None = None,
+    arch: str = "resnet50",
+    cache_dir: str | None = None,
+    seed: int | None = None,
+) -> ModelSource:
+    """runs:/<id>/model, models:/<name>/<version> (settings from the train run that logged it)
+    or a checkpoint file in the original format (settings from `fallback` and `arch`; its seed
+    is `seed`, else read from the original layout)."""
+    if uri.startswith(("runs:/", "models:/")):
+        return _run_source(uri, cache_dir)
+    if fallback is None:
+        raise PrunecxrError(
+            f"{uri} is a checkpoint file: give --dataset, --data-dir and --image-size for it"
+        )
+    return _checkpoint_source(Path(uri).resolve(), fallback, arch, seed)
+
+
+def _run_source(uri: str, cache_dir: str | None) -> ModelSource:
+    run_id = tracking.model_run_id(uri)
+    params = tracking.run_settings(tracking.get_run(run_id))
+    data = _data_settings(params, cache_dir)
+    model = tracking.load_model(uri)
+    seed = int(params["seed"])
+    return ModelSource(uri, run_id, params["arch"], seed, params["pretrained"], data, model)
+
+
+def _checkpoint_source(path: Path, data: DataSettings, arch: str, seed: int | None) -> ModelSource:
+    model = create_model(arch, get_schema(data.dataset).num_classes)
+    try:
+        model.load_state_dict(load_state_file(path))
+    except RuntimeError as error:
+        raise PrunecxrError(f"{path} does not fit {arch}: {error}") from None
+    seed = seed_from_layout(path) if seed is None else seed
+    return ModelSource(
+        str(path), None, arch, seed, CHECKPOINT_PRETRAINED, data, model, file_sha256(path)
+    )
+
+
+def _data_settings(params: dict[str, str], cache_dir: str | None) -> DataSettings:
+    return DataSettings(
+        params["dataset"],
+        params["data_dir"],
+        params["label_dir"],
+        int(params["image_size"]),
+        cache_dir or params.get("cache_dir", str(DEFAULT_CACHE_DIR)),
+    )
+
+
+def seed_from_layout(path: Path) -> int:
+    """The original study's layout: `<dir>_seed-<s>/chkpt.pt` is seed s, anything else 0."""
+    match = _SEED_DIR.search(path.parent.name)
+    return int(match.group(1)) if match else 0
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def source_of_cell(params: dict[str, str], cache_dir: str | None = None) -> ModelSource:
+    """The model a prune run pruned, from the run's params (train run or checkpoint file).
+    A checkpoint file must still hold the bytes it held then."""
+    if params.get("source_run_id"):
+        return load_source(f"runs:/{params['source_run_id']}/model", cache_dir=cache_dir)
+    data = _data_settings(params, cache_dir)
+    source = load_source(
+        params["checkpoint_path"], fallback=data, arch=params["arch"], seed=int(params["seed"])
+    )
+    if source.sha256 != params["checkpoint_sha256"]:
+        raise PrunecxrError(
+            f"{source.uri} changed since it was pruned (sha256 {params['checkpoint_sha256'][:12]}…, "
+            f"now {source.sha256[:12]}…); put the original file back"
+        )
+    return source
+
+
+def check_distinct_seeds(sources: list[ModelSource]) -> None:
+    """The analysis tells a sweep's models apart by seed: two models of one seed would
+    overwrite each other's predictions."""
+    seen: dict[int, str] = {}
+    for source in sources:
+        if source.seed in seen:
+            raise PrunecxrError(
+                f"{seen[source.seed]} and {source.uri} both have seed {source.seed}; a sweep "
+                f"needs one model per seed: give checkpoint files their seeds with --seeds "
+                f"(or the original layout <dir>_seed-<s>/chkpt.pt)"
+            )
+        seen[source.seed] = source.uri
