@@ -7,3 +7,4 @@ bash ci/setup.sh
 VENV="${PRUNECXR_VENV:-.venv}"
 "$VENV/bin/prunecxr" study "$@"
 echo "browse the runs: $VENV/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db  (http://127.0.0.1:5000)"
+echo "prune the newest model again: source $VENV/bin/activate && mlflow run . -e prune --env-manager local -P sparsity=0.9"

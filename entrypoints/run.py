@@ -8,9 +8,15 @@ applies."""
 
 import sys
 
-import click
+try:
+    import click
 
-from prunecxr.cli import cli, main
+    from prunecxr.cli import cli, main
+except ImportError as error:  # `python` on PATH is not the environment prunecxr is in
+    sys.exit(
+        f"error: {error} in {sys.executable}; run `mlflow run` with prunecxr's environment "
+        f"active (e.g. source .venv/bin/activate) or let conda build it (no --env-manager local)"
+    )
 
 TRUE, FALSE, UNSET = ("true", "yes", "1"), ("false", "no", "0"), ("auto", "")
 

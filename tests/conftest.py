@@ -144,3 +144,31 @@ def cli_env(**extra: str) -> dict[str, str]:
     # `python` in MLproject commands must be this interpreter, as in an activated environment.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return {**env, **extra}
+
+
+def spawn_prunecxr(*args: str, log: Path) -> subprocess.Popen:
+    """`prunecxr ARGS` in the background (output to `log`), to be killed by a test."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "prunecxr", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=cli_env(),
+        )
+
+
+def wait_for(condition, timeout: float, process: subprocess.Popen | None = None) -> None:
+    """Poll `condition()` until it is true; fail if `timeout` passes or `process` ends first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process ended (exit code {process.returncode}) too early")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout} s")
+        time.sleep(0.3)
+
+
+def kill(process: subprocess.Popen) -> None:
+    """SIGKILL, as a crash or an out-of-memory kill would, and reap it."""
+    process.kill()
+    process.wait(timeout=30)

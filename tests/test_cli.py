@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import mlflow
-import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import cli_env
@@ -93,40 +92,3 @@ def test_synth_then_train_from_the_command_line(tmp_path, mlflow_store):
     assert run.data.params["pretrained"] == "none"  # synthetic data: no ImageNet download
     assert run.data.params["data_dir"] == str(data)  # recorded absolute, usable from anywhere
     assert mlflow.get_experiment(run.info.experiment_id).name == "cli"
-
-
-@pytest.mark.slow
-def test_demo_study_nests_train_sweep_and_analyze(tmp_path, mlflow_store):
-    result = prunecxr(
-        "study",
-        "--demo-dir",
-        str(tmp_path / "demo"),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--seeds",
-        "2",
-        "--max-epochs",
-        "1",
-        "--methods",
-        "l1,structured",
-        "--sparsities",
-        "0,0.9",
-    )
-    assert result.returncode == 0, result.stderr
-    runs = mlflow.search_runs(experiment_names=["prunecxr"])
-    study = runs[runs["tags.prunecxr.stage"] == "study"]
-    assert f"mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}" in result.stdout
-    trains = runs[runs["tags.prunecxr.stage"] == "train"]
-    assert len(study) == 1 and len(trains) == 2
-    assert set(trains["tags.mlflow.parentRunId"]) == {study.run_id.iloc[0]}
-    assert set(trains["params.seed"]) == {"0", "1"}
-    assert set(trains["params.arch"]) == {"resnet18"}  # the demo's model
-    assert (trains["metrics.test_mAUC"] > 0.5).all()
-    sweep = runs[runs["tags.prunecxr.stage"] == "sweep"]
-    assert len(sweep) == 1 and sweep["tags.mlflow.parentRunId"].iloc[0] == study.run_id.iloc[0]
-    cells = runs[runs["tags.prunecxr.stage"] == "prune"]
-    assert len(cells) == 2 * 2 * 2  # seeds x methods x sparsities
-    assert set(cells["tags.mlflow.parentRunId"]) == {sweep.run_id.iloc[0]}
-    assert set(cells["params.source_run_id"]) == set(trains.run_id)
-    analyze = runs[runs["tags.prunecxr.stage"] == "analyze"]
-    assert len(analyze) == 1 and analyze["tags.mlflow.parentRunId"].iloc[0] == study.run_id.iloc[0]

@@ -41,6 +41,14 @@ def test_a_study_on_the_gpu_code_path_finishes(device, tmp_path, mlflow_store):
     stages = runs["tags.prunecxr.stage"].value_counts().to_dict()
     assert stages == {"study": 1, "train": 2, "sweep": 1, "prune": 2 * 3 * 3, "analyze": 1}
     assert set(runs["status"]) == {"FINISHED"}
+    assert f"mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}" in result.stdout
+    by_stage = {stage: runs[runs["tags.prunecxr.stage"] == stage] for stage in stages}
+    study_id, sweep_id = by_stage["study"].run_id.iloc[0], by_stage["sweep"].run_id.iloc[0]
+    for stage in ("train", "sweep", "analyze"):  # nested: study -> train, sweep, analyze
+        assert set(by_stage[stage]["tags.mlflow.parentRunId"]) == {study_id}
+    assert set(by_stage["prune"]["tags.mlflow.parentRunId"]) == {sweep_id}
+    assert set(by_stage["prune"]["params.source_run_id"]) == set(by_stage["train"].run_id)
+    assert set(by_stage["train"]["params.arch"]) == {"resnet18"}  # the demo's model
     ran = runs[runs["tags.prunecxr.stage"].isin(["train", "prune"])]
     assert set(ran["params.device_resolved"]) == {device}
     assert set(ran["params.channels_last_resolved"]) == {"true"}

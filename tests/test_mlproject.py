@@ -21,6 +21,7 @@ from prunecxr import tracking
 from prunecxr.cli import cli
 from prunecxr.train import run_training
 from tests.conftest import cli_env
+from tests.test_cli import prunecxr
 from tests.test_train import tiny_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -285,3 +286,21 @@ def test_main_with_every_parameter_set(tmp_path, mlflow_store):
     assert (study.data.params["seeds"], study.data.params["seeds_resolved"]) == ("3", "0,1,2")
     assert len(_runs("mlproject", "train")) == 3 and len(_runs("mlproject", "prune")) == 6
     assert len(_runs("mlproject", "analyze")) == 1
+
+
+@pytest.mark.slow
+def test_the_headline_prune_command_finds_a_model_the_cli_trained(tiny_nih, tmp_path, mlflow_store):
+    """`prunecxr train` logs into experiment `prunecxr`; `mlflow run` with no
+    --experiment-name puts its run in MLflow's Default experiment and must still find it."""
+    trained = prunecxr(
+        *("train", "--data-dir", str(tiny_nih), "--arch", "resnet18", "--image-size", "32"),
+        *("--max-epochs", "1", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"),
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    train_id = trained.stdout.split("train run ")[1].split(":")[0]
+    result = mlflow_run("prune", sparsity=0.9)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"using the newest finished train run {train_id}" in result.stderr
+    (pruned,) = MlflowClient().search_runs([tracking.DEFAULT_EXPERIMENT_ID])
+    assert pruned.data.params["source_run_id"] == train_id
+    assert pruned.data.metrics["achieved_sparsity"] == pytest.approx(0.9, abs=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import mlflow
@@ -14,9 +15,18 @@ from mlflow.tracking import MlflowClient
 from prunecxr import PrunecxrError, tracking
 from prunecxr.data import get_schema, load_split
 from prunecxr.data.schemas import class_slug
+from prunecxr.data.synthetic import write_synthetic
 from prunecxr.evaluate import predict_logits, sigmoid
 from prunecxr.runtime import resolve_runtime
-from prunecxr.train import TrainConfig, resume_training, run_training
+from prunecxr.train import (
+    TrainConfig,
+    create_state,
+    restore_state,
+    resume_training,
+    run_training,
+)
+from tests.conftest import kill, spawn_prunecxr, wait_for
+from tests.test_cli import prunecxr
 
 NIH = get_schema("nih-cxr-lt")
 pytestmark = pytest.mark.slow
@@ -139,3 +149,76 @@ def test_training_against_a_real_mlflow_server(tiny_mimic, cache_dir, server_sto
     assert model.fc.out_features == 19
     resumed = resume_training(run_id, max_epochs=2)
     assert len(_history(resumed)) == 2
+
+
+def _runs_in(experiment: str) -> pd.DataFrame:
+    return mlflow.search_runs(experiment_names=[experiment])
+
+
+def test_resume_after_a_kill_keeps_the_runs_own_settings(tmp_path, mlflow_store):
+    """A run started with --max-epochs 4 and killed continues to epoch 4, not to the CLI's
+    default 60; only typed options override; it stays in its own experiment."""
+    data = tmp_path / "data"  # big enough that an epoch takes a second or two
+    write_synthetic(NIH, data, {"train": 400, "val": 60, "test": 60}, image_size=48, seed=5)
+    common = ["--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    process = spawn_prunecxr(
+        *("train", "--data-dir", str(data), "--arch", "resnet18", "--image-size", "48"),
+        *("--batch-size", "32", "--max-epochs", "4", "--experiment", "nih", *common),
+        log=tmp_path / "train.log",
+    )
+    try:
+        wait_for(lambda: _checkpointed("nih"), 300, process)
+    finally:
+        kill(process)
+    run_id = _runs_in("nih").run_id.iloc[0]
+    assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # what a kill leaves
+
+    resumed = prunecxr("train", "--resume", run_id, *common)  # default --experiment differs
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and len(_history(run_id)) == 4
+    assert run.data.params["max_epochs"] == "4"
+    assert run.data.tags["prunecxr.resumed"].startswith("from epoch ")
+
+    longer = prunecxr("train", "--resume", run_id, "--max-epochs", "5", *common)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert len(_history(run_id)) == 5
+    for typed, message in [
+        (["--arch", "resnet50"], "--resume keeps the run's own arch (arch=resnet18)"),
+        (["--experiment", "other"], f"run {run_id} belongs to experiment 'nih', not 'other'"),
+    ]:
+        refused = prunecxr("train", "--resume", run_id, "--max-epochs", "6", *typed, *common)
+        assert refused.returncode == 1 and message in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+    assert len(_history(run_id)) == 5
+
+
+def _checkpointed(experiment: str) -> bool:
+    runs = _runs_in(experiment) if mlflow.get_experiment_by_name(experiment) else []
+    return len(runs) > 0 and tracking.has_artifact(runs.run_id.iloc[0], "checkpoints/last.pt")
+
+
+def test_a_run_that_died_while_logging_its_results_logs_them_on_resume(
+    tiny_nih, cache_dir, mlflow_store
+):
+    tracking.use_experiment("prunecxr")
+    run_id = run_training(tiny_config(tiny_nih, cache_dir, max_epochs=1))
+    MlflowClient().set_terminated(run_id, "KILLED")  # its epochs were done, its run was not
+    assert resume_training(run_id) == run_id
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and "test_mAP" in run.data.metrics
+    assert len(_history(run_id)) == 1  # no epoch trained again
+
+
+def test_restoring_a_checkpoint_downloads_nothing(tmp_path, monkeypatch):
+    """Resume works offline: the checkpoint's weights replace the ImageNet ones, so they are
+    not fetched (any download here would fail: the proxy is a closed port)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+    config = tiny_config(tmp_path, tmp_path, pretrained="imagenet")
+    runtime = resolve_runtime("cpu")
+    trained = create_state(dataclasses.replace(config, pretrained="none"), 20, runtime)
+    restored = restore_state(trained.checkpoint(config), config, 20, runtime)
+    for a, b in zip(trained.model.state_dict().values(), restored.model.state_dict().values()):
+        assert torch.equal(a, b)
