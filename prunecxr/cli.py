@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from pathlib import Path
 
@@ -289,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     from prunecxr import tracking
 
     tracking.quiet_logs()
+    _show_progress_notes()
     try:
         cli.main(args=argv, prog_name="prunecxr", standalone_mode=False)
     except click.exceptions.Exit as done:
@@ -305,3 +307,13 @@ def main(argv: list[str] | None = None) -> None:
     except PermissionError as error:  # e.g. an output folder mounted read-only or root-owned
         click.echo(f"error: no permission to write {error.filename}: {error.strerror}", err=True)
         sys.exit(1)
+
+
+def _show_progress_notes() -> None:
+    """The library's notes (which run it took, what it continues) as plain lines on stderr."""
+    logger = logging.getLogger("prunecxr")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)

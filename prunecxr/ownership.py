@@ -9,6 +9,7 @@ A run that is not RUNNING (finished, failed, killed) is never alive."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -20,7 +21,10 @@ from prunecxr import PrunecxrError, tracking
 OWNER_TAG = "prunecxr.owner"
 HEARTBEAT_TAG = "prunecxr.heartbeat"
 HEARTBEAT_SECONDS = 30.0
-STALE_SECONDS = 120.0
+STALE_SECONDS = 120.0  # compares the writer's clock with the reader's: keep hosts in sync (NTP)
+CLAIM_SETTLE_SECONDS = 2.0
+
+log = logging.getLogger(__name__)
 
 _beating: set[str] = set()
 _lock = threading.Lock()
@@ -31,10 +35,25 @@ def _me() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def take_over(run_id: str, what: str) -> None:
+    """Before continuing `run_id` (a study or sweep a process left unfinished): refused while
+    that process lives; the runs it left RUNNING underneath are marked KILLED."""
+    refuse_if_alive(run_id, what)
+    tracking.end_unfinished_children(run_id, still_alive=is_alive)
+    log.info("continuing %s %s", what, run_id)
+
+
 @contextlib.contextmanager
-def owned(run_id: str) -> Iterator[None]:
-    """Mark `run_id` as this process's and keep its heartbeat going inside the block."""
+def owned(run_id: str, *, contested: bool = False) -> Iterator[None]:
+    """Mark `run_id` as this process's and keep its heartbeat going inside the block. A
+    `contested` run (an unfinished one being continued) is re-read after a moment: of two
+    processes that took it over at the same time, the one whose claim was overwritten stops."""
     tracking.set_run_tags(run_id, {OWNER_TAG: _me(), HEARTBEAT_TAG: str(int(time.time()))})
+    if contested:
+        time.sleep(CLAIM_SETTLE_SECONDS)
+        owner = tracking.get_run(run_id).data.tags.get(OWNER_TAG)
+        if owner != _me():
+            raise PrunecxrError(f"process {owner} took over {run_id} at the same moment; let it")
     with _lock:
         _beating.add(run_id)
         _start_heartbeat()
@@ -78,13 +97,14 @@ def refuse_if_alive(run_id: str, what: str) -> None:
 
 
 def is_alive(run) -> bool:
-    if run.info.status != "RUNNING" or OWNER_TAG not in run.data.tags:
-        return False
-    host, _, pid = run.data.tags[OWNER_TAG].rpartition(":")
+    owner = run.data.tags.get(OWNER_TAG)
+    if run.info.status != "RUNNING" or owner is None or owner == _me():
+        return False  # a restarted container can be its dead predecessor's pid on its host
+    host, _, pid = owner.rpartition(":")
     if host == socket.gethostname() and not _process_exists(int(pid)):
         return False  # it died on this host: no need to wait for its heartbeat to go stale
     # A pid that exists may still be another process (containers sharing a host name each
-    # number their own processes), so the heartbeat decides.
+    # number their own processes), so the heartbeat decides; hosts' clocks must roughly agree.
     heartbeat = float(run.data.tags.get(HEARTBEAT_TAG, 0))
     return time.time() - heartbeat < STALE_SECONDS
 

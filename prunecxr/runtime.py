@@ -84,3 +84,12 @@ def standard_layout(model: nn.Module) -> nn.Module:
     Needed before flattening weights (torch.nn.utils.prune views them as vectors) and before a
     model is saved, so that what is stored loads and prunes in any layout."""
     return model.to(memory_format=torch.contiguous_format)
+
+
+def portable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the model's state on the CPU in the standard layout (checkpoints, best
+    weights), whatever device and layout the model trains in."""
+    return {
+        key: value.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+        for key, value in model.state_dict().items()
+    }

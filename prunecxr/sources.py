@@ -47,8 +47,8 @@ class ModelSource:
 
     @property
     def key(self) -> str:
-        """Identifies the model: its train run, or the checkpoint file with its seed."""
-        return self.run_id or f"{self.uri}#seed{self.seed}"
+        """Identifies the model: its train run, or the checkpoint file's path, seed and bytes."""
+        return self.run_id or f"{self.uri}#seed{self.seed}#{self.sha256[:12]}"
 
     def params(self) -> dict:
         """The source's params on a prune run (design §5 plus where its data and file are)."""

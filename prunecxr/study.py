@@ -16,7 +16,13 @@ from prunecxr.data import SPLITS, get_schema
 from prunecxr.data.synthetic import read_marker, write_synthetic
 from prunecxr.sources import load_source
 from prunecxr.sweep import SWEEP_KEY_TAG, CellSettings, run_sweep, sweep_key
-from prunecxr.train import CHECKPOINT_ARTIFACT, TrainConfig, resume_training, run_training
+from prunecxr.train import (
+    CHECKPOINT_ARTIFACT,
+    RUNTIME_FIELDS,
+    TrainConfig,
+    resume_training,
+    run_training,
+)
 
 # The demo's data and model: small enough for minutes on 2 CPU cores, large enough that head
 # classes are learned and tail classes are not (each comment says why the value was chosen).
@@ -36,8 +42,6 @@ PAPER_METHODS = ("l1", "random")
 PAPER_SPARSITIES = tuple(round(0.05 * i, 2) for i in range(20))  # 0, 0.05, ..., 0.95
 PAPER_SEEDS = 30
 STUDY_KEY_TAG = "prunecxr.study_key"
-# Where and how fast a study runs may change when it is continued; what it computes may not.
-RUNTIME_FIELDS = ("device", "channels_last", "precision", "num_workers", "cache_dir")
 
 
 @dataclass(frozen=True)
@@ -89,12 +93,10 @@ def run_study(config: StudyConfig) -> str:
     key = study_key(config)
     resume_id = tracking.find_unfinished_run_id("study", STUDY_KEY_TAG, key)
     if resume_id:
-        ownership.refuse_if_alive(resume_id, "study")
-        tracking.end_unfinished_children(resume_id)
-        print(f"continuing study {resume_id}")
+        ownership.take_over(resume_id, "study")
     name = f"study-{config.train.dataset}"
     with tracking.start_run("study", run_name=name, run_id=resume_id) as study_id:
-        with ownership.owned(study_id):
+        with ownership.owned(study_id, contested=resume_id is not None):
             if resume_id is None:
                 tracking.set_tags({STUDY_KEY_TAG: key})
                 tracking.log_params(_study_params(config))
@@ -135,14 +137,7 @@ def _sweep(study_id: str, config: StudyConfig, train_ids: list[str]) -> str:
     sources = [load_source(f"runs:/{run_id}/model") for run_id in train_ids]
     methods, sparsities = list(config.methods), list(config.sparsities)
     key = sweep_key(sources, methods, sparsities)
-    finished = tracking.finished_child_tags(study_id, "sweep", SWEEP_KEY_TAG, with_ids=True)
+    finished = tracking.finished_child_ids_by_tag(study_id, "sweep", SWEEP_KEY_TAG)
     if key in finished:
         return finished[key]
-    settings = CellSettings(
-        device=config.train.device,
-        channels_last=config.train.channels_last,
-        precision=config.train.precision,
-        batch_size=config.train.batch_size,
-        num_workers=config.train.num_workers,
-    )
-    return run_sweep(sources, methods, sparsities, settings)
+    return run_sweep(sources, methods, sparsities, CellSettings.like_training(config.train))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,9 @@ from prunecxr.evaluate import (
 from prunecxr.pruning import count_macs, count_prunable, nonzero_parameters, prune_model
 from prunecxr.runtime import Runtime, resolve_runtime
 from prunecxr.sources import DataSettings, ModelSource, check_distinct_seeds
-from prunecxr.train import Finetune
+from prunecxr.train import Finetune, TrainConfig
 
+log = logging.getLogger(__name__)
 CELL_TAG = "prunecxr.cell"
 SWEEP_KEY_TAG = "prunecxr.sweep_key"
 LATENCY_BATCH = 32
@@ -44,6 +46,17 @@ class CellSettings:
     batch_size: int = 256
     log_model: bool = False  # sweeps keep only metrics and predictions per cell
     num_workers: int = 0  # processes decoding images if the test-set cache must be built
+
+    @classmethod
+    def like_training(cls, train: TrainConfig) -> CellSettings:
+        """Cells that run where and how a training ran (device, layout, precision, batch)."""
+        return cls(
+            device=train.device,
+            channels_last=train.channels_last,
+            precision=train.precision,
+            batch_size=train.batch_size,
+            num_workers=train.num_workers,
+        )
 
 
 @functools.lru_cache(maxsize=8)
@@ -199,19 +212,18 @@ def run_sweep(
     key = sweep_key(sources, methods, sparsities)
     resume_id = tracking.find_unfinished_run_id("sweep", SWEEP_KEY_TAG, key)
     if resume_id:
-        ownership.refuse_if_alive(resume_id, "sweep")
-        tracking.end_unfinished_children(resume_id)
+        ownership.take_over(resume_id, "sweep")
     name = f"sweep-{'-'.join(methods)}"
     with tracking.start_run("sweep", run_name=name, run_id=resume_id) as sweep_id:
-        with ownership.owned(sweep_id):
+        with ownership.owned(sweep_id, contested=resume_id is not None):
             if resume_id is None:
                 tracking.set_tags({SWEEP_KEY_TAG: key})
                 tracking.log_params(_sweep_params(sources, methods, sparsities, finetune))
             cells = [(s, m, k) for s in sources for m in methods for k in sparsities]
-            done = tracking.finished_child_tags(sweep_id, "prune", CELL_TAG)
+            done = tracking.finished_child_ids_by_tag(sweep_id, "prune", CELL_TAG)
             todo = [cell for cell in cells if cell_key(*cell) not in done]
             if resume_id:
-                print(f"continuing sweep {sweep_id}: {len(cells) - len(todo)} of {len(cells)} done")
+                log.info("%d of %d cells were done", len(cells) - len(todo), len(cells))
             _run_cells(todo, settings, finetune)
     return sweep_id
 

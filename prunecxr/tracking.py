@@ -8,22 +8,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
 import mlflow.pytorch
 import numpy as np
 import pandas as pd
+from mlflow.entities import RunTag
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from torch import nn
 
 from prunecxr import PrunecxrError
 
+log = logging.getLogger(__name__)
 STAGE_TAG = "prunecxr.stage"
+CONTINUED_TAG = "prunecxr.continued_run"  # on a run `mlflow run` made for continuing another
 STAGES = ("study", "train", "sweep", "prune", "analyze")
 
 
@@ -108,6 +110,10 @@ def start_run(
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
     nested = mlflow.active_run() is not None
+    created_by_mlflow_run = os.environ.get("MLFLOW_RUN_ID")
+    if run_id and not nested and created_by_mlflow_run and created_by_mlflow_run != run_id:
+        # `mlflow run` made a run for this command, but the work continues in an older one.
+        set_run_tags(created_by_mlflow_run, {CONTINUED_TAG: run_id})
     with mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested) as run:
         mlflow.set_tag(STAGE_TAG, stage)
         yield run.info.run_id
@@ -187,7 +193,8 @@ def _artifact_dir(artifact_file: str) -> str | None:
 
 def log_model(model: nn.Module, input_example: np.ndarray) -> None:
     """Log `model` as the run's `model` artifact (pickle format keeps pruned shapes), in the
-    standard layout on the CPU whatever it ran in, so that it loads and prunes anywhere."""
+    standard layout on the CPU whatever it ran in, so that it loads and prunes anywhere. The
+    model itself is moved there (fp32, CPU, NCHW), as `nn.Module.to` works in place."""
     import torch
 
     from prunecxr.runtime import standard_layout
@@ -262,10 +269,8 @@ def set_tags(tags: dict[str, str]) -> None:
 
 
 def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
-    """Tags on any run, active or not (safe from a background thread)."""
-    client = MlflowClient()
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+    """Tags on any run, active or not, in one request (safe from a background thread)."""
+    MlflowClient().log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
 
 
 def model_run_id(model_uri: str) -> str | None:
@@ -286,10 +291,12 @@ def newest_finished_run_id(stage: str, *, how_to_make_one: str) -> str:
         raise PrunecxrError(f"no finished {stage} run in experiment {names}; {how_to_make_one}")
     newest = runs[0]
     where = mlflow.get_experiment(newest.info.experiment_id).name
-    print(
-        f"using the newest finished {stage} run {newest.info.run_id} "
-        f"({newest.info.run_name}, experiment {where!r})",
-        file=sys.stderr,
+    log.info(
+        "using the newest finished %s run %s (%s, experiment %r)",
+        stage,
+        newest.info.run_id,
+        newest.info.run_name,
+        where,
     )
     return newest.info.run_id
 
@@ -299,14 +306,6 @@ def find_unfinished_run_id(stage: str, tag: str, value: str) -> str | None:
     runs = _search(f"tags.`{STAGE_TAG}` = '{stage}' and tags.`{tag}` = '{value}'")
     runs = [run for run in runs if run.info.status != "FINISHED"]
     return runs[0].info.run_id if runs else None
-
-
-def finished_child_tags(parent_run_id: str, stage: str, tag: str, with_ids: bool = False):
-    """Values of `tag` on the finished `stage` runs directly under `parent_run_id` (a set), or
-    with `with_ids` a dict value -> run id."""
-    runs = _finished_child_runs(parent_run_id, stage)
-    found = {run.data.tags[tag]: run.info.run_id for run in runs if tag in run.data.tags}
-    return found if with_ids else set(found)
 
 
 def _search(query: str, experiment_ids: list[str] | None = None) -> list:
@@ -326,39 +325,45 @@ def _search(query: str, experiment_ids: list[str] | None = None) -> list:
             return runs
 
 
+def _child_runs(parent_run_id: str, stage: str, *, finished: bool = False) -> list:
+    """The `stage` runs directly under `parent_run_id`, newest first. Searched in the parent's
+    own experiment, which under `mlflow run` may not be the one new runs go to."""
+    query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{STAGE_TAG}` = '{stage}'"
+    if finished:
+        query += " and attributes.status = 'FINISHED'"
+    return _search(query, [get_run(parent_run_id).info.experiment_id])
+
+
 def children(parent_run_id: str, stage: str) -> list[tuple[str, str, dict[str, str]]]:
-    """(run id, status, settings) of every `stage` run directly under `parent_run_id`, newest
-    first."""
-    runs = _search(
-        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{STAGE_TAG}` = '{stage}'"
-    )
-    return [(run.info.run_id, run.info.status, run_settings(run)) for run in runs]
-
-
-def end_unfinished_children(parent_run_id: str) -> int:
-    """Mark runs left RUNNING under a dead parent (its process was killed) as KILLED, so that
-    the UI does not show them running forever. Returns how many."""
-    client, ended = MlflowClient(), 0
-    for stage in STAGES:
-        for run_id, status, _ in children(parent_run_id, stage):
-            if status == "RUNNING":
-                client.set_terminated(run_id, "KILLED")
-                ended += 1
-    return ended
+    """(run id, status, settings) of every `stage` run under `parent_run_id`, newest first."""
+    return [
+        (run.info.run_id, run.info.status, run_settings(run))
+        for run in _child_runs(parent_run_id, stage)
+    ]
 
 
 def finished_children(parent_run_id: str, stage: str) -> list[tuple[str, dict[str, str]]]:
     """(run id, settings) of the finished `stage` runs directly under `parent_run_id`."""
     return [
-        (run.info.run_id, run_settings(run)) for run in _finished_child_runs(parent_run_id, stage)
+        (run.info.run_id, run_settings(run))
+        for run in _child_runs(parent_run_id, stage, finished=True)
     ]
 
 
-def _finished_child_runs(parent_run_id: str, stage: str) -> list:
-    return _search(
-        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{STAGE_TAG}` = '{stage}' "
-        f"and attributes.status = 'FINISHED'"
-    )
+def finished_child_ids_by_tag(parent_run_id: str, stage: str, tag: str) -> dict[str, str]:
+    """{value of `tag`: id of the newest finished `stage` run under `parent_run_id` with it}."""
+    runs = reversed(_child_runs(parent_run_id, stage, finished=True))  # the newest wins
+    return {run.data.tags[tag]: run.info.run_id for run in runs if tag in run.data.tags}
+
+
+def end_unfinished_children(parent_run_id: str, still_alive: Callable[[object], bool]) -> None:
+    """Mark runs a killed process left RUNNING under `parent_run_id` as KILLED (the UI would
+    show them running forever); runs for which still_alive(run) is true are left alone."""
+    client = MlflowClient()
+    for stage in STAGES:
+        for run in _child_runs(parent_run_id, stage):
+            if run.info.status == "RUNNING" and not still_alive(run):
+                client.set_terminated(run.info.run_id, "KILLED")
 
 
 def read_table(run_id: str, artifact_file: str) -> pd.DataFrame:

@@ -30,7 +30,7 @@ from prunecxr.evaluate import (
     summarize,
 )
 from prunecxr.models import create_model
-from prunecxr.runtime import Runtime, resolve_runtime
+from prunecxr.runtime import Runtime, portable_state_dict, resolve_runtime
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/last.pt"
@@ -80,7 +80,7 @@ class TrainState:
     def checkpoint(self, config: TrainConfig) -> dict:
         return {
             "config": dataclasses.asdict(config),
-            "model": self.model.state_dict(),
+            "model": portable_state_dict(self.model),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "epoch": self.epoch,
@@ -159,9 +159,7 @@ def fit(state: TrainState, config: TrainConfig, splits: dict, runtime, on_epoch_
         state.epoch += 1
         if val_loss < state.best_val_loss:
             state.best_val_loss, state.epochs_since_best = val_loss, 0
-            state.best_weights = {
-                k: v.detach().to("cpu", copy=True) for k, v in state.model.state_dict().items()
-            }
+            state.best_weights = portable_state_dict(state.model)
         else:
             state.epochs_since_best += 1
         state.history.append(
@@ -198,18 +196,10 @@ def run_training(config: TrainConfig) -> str:
     return _train(config, checkpoint=None, run_id=None)
 
 
-# Settings a resumed run may change: how long it trains and where; the data may have moved.
-RESUME_OVERRIDABLE = (
-    "max_epochs",
-    "patience",
-    "device",
-    "channels_last",
-    "precision",
-    "num_workers",
-    "cache_dir",
-    "data_dir",
-    "label_dir",
-)
+# Where and how fast a training runs: may change when it is resumed (or its study continued).
+RUNTIME_FIELDS = ("device", "channels_last", "precision", "num_workers", "cache_dir")
+# What a resumed run may change besides: how long it trains; the data may have moved.
+RESUME_OVERRIDABLE = (*RUNTIME_FIELDS, "max_epochs", "patience", "data_dir", "label_dir")
 
 
 def resume_training(run_id: str, **overrides) -> str:
@@ -220,6 +210,9 @@ def resume_training(run_id: str, **overrides) -> str:
     ownership.refuse_if_alive(run_id, "train run")
     checkpoint = fetch_checkpoint(run_id)
     stored = checkpoint["config"]
+    if "data_dir" in overrides and "label_dir" not in overrides:
+        if stored["label_dir"] == stored["data_dir"]:  # labels beside the images: move along
+            overrides = {**overrides, "label_dir": overrides["data_dir"]}
     fixed = sorted(
         k for k, v in overrides.items() if k not in RESUME_OVERRIDABLE and stored.get(k) != v
     )

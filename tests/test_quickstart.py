@@ -89,3 +89,12 @@ def test_quickstart_demo_then_the_headline_prune_command(tmp_path):
     assert pruned.data.params["source_run_id"] == newest_train.info.run_id
     assert pruned.data.params["sparsity"] == "0.9"
     assert pruned.data.metrics["achieved_sparsity"] == pytest.approx(0.9, abs=1e-6)
+
+    # The demo's sweep, analyzed again the same way (its cells are in experiment prunecxr).
+    command = ["mlflow", "run", ".", "-e", "analyze", "--env-manager", "local"]
+    analyze = subprocess.run(
+        command, cwd=project, env=activated, capture_output=True, text=True, timeout=1200
+    )
+    assert analyze.returncode == 0, analyze.stderr[-3000:]
+    analyzed = client.search_runs(["0"], "tags.`prunecxr.stage` = 'analyze'")
+    assert analyzed[0].data.params["sweep_run_id"] == by_stage["sweep"][0].info.run_id

@@ -177,7 +177,6 @@ def test_resume_after_a_kill_keeps_the_runs_own_settings(tmp_path, mlflow_store)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED" and len(_history(run_id)) == 4
-    assert run.data.params["max_epochs"] == "4"
     assert run.data.tags["prunecxr.resumed"].startswith("from epoch ")
 
     longer = prunecxr("train", "--resume", run_id, "--max-epochs", "5", *common)
@@ -192,6 +191,12 @@ def test_resume_after_a_kill_keeps_the_runs_own_settings(tmp_path, mlflow_store)
         assert len(refused.stderr.strip().splitlines()) == 1
     assert len(_history(run_id)) == 5
 
+    moved = data.rename(tmp_path / "moved")  # images and labels together, at another place
+    elsewhere = prunecxr("train", "--resume", run_id, "--max-epochs", "6", "--data-dir", str(moved))
+    assert elsewhere.returncode == 0, elsewhere.stderr[-3000:]
+    assert len(_history(run_id)) == 6
+    assert f"label_dir={moved}" in MlflowClient().get_run(run_id).data.tags["prunecxr.resumed"]
+
 
 def _checkpointed(experiment: str) -> bool:
     runs = _runs_in(experiment) if mlflow.get_experiment_by_name(experiment) else []
@@ -199,14 +204,26 @@ def _checkpointed(experiment: str) -> bool:
 
 
 def test_a_run_that_died_while_logging_its_results_logs_them_on_resume(
-    tiny_nih, cache_dir, mlflow_store
+    tiny_nih, cache_dir, mlflow_store, monkeypatch
 ):
     tracking.use_experiment("prunecxr")
-    run_id = run_training(tiny_config(tiny_nih, cache_dir, max_epochs=1))
-    MlflowClient().set_terminated(run_id, "KILLED")  # its epochs were done, its run was not
-    assert resume_training(run_id) == run_id
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:  # the fault: logging the model fails
+        patched.setattr(tracking, "log_model", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            run_training(tiny_config(tiny_nih, cache_dir, max_epochs=1))
+    (run_id,) = _runs_in("prunecxr").run_id
+    assert MlflowClient().get_run(run_id).info.status == "FAILED"
+    with pytest.raises(Exception, match="model"):
+        mlflow.models.get_model_info(f"runs:/{run_id}/model")
+
+    assert resume_training(run_id) == run_id  # epochs done: only the final results are logged
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED" and "test_mAP" in run.data.metrics
+    assert mlflow.models.get_model_info(f"runs:/{run_id}/model").run_id == run_id
     assert len(_history(run_id)) == 1  # no epoch trained again
 
 
