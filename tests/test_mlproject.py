@@ -265,8 +265,9 @@ def test_sweep_and_analyze_with_every_parameter_set(trained):
 
 
 @pytest.mark.slow
-def test_main_with_every_parameter_set(tmp_path, mlflow_store):
-    """The study entry point; `seeds` is logged as typed (3), the seed list as resolved."""
+def test_main_with_every_parameter_set(tiny_nih, tmp_path, mlflow_store):
+    """The study entry point on given data (the paper's path; the demo's path is the
+    Quickstart test's). `seeds` stays as typed (3), the seed list is `seeds_resolved`."""
     result = mlflow_run(
         "main",
         "mlproject",
@@ -275,10 +276,12 @@ def test_main_with_every_parameter_set(tmp_path, mlflow_store):
         channels_last="false",
         precision="fp32",
         seeds=3,
+        data_dir=tiny_nih,
+        arch="resnet18",
+        image_size=32,
         max_epochs=1,
         methods="l1",
         sparsities="0,0.9",
-        demo_dir=tmp_path / "demo",
         cache_dir=tmp_path / "cache",
     )
     assert result.returncode == 0, result.stderr[-3000:]

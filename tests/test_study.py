@@ -9,12 +9,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from prunecxr import tracking
+from prunecxr.data import get_schema
+from prunecxr.data.synthetic import write_synthetic
 from prunecxr.train import run_training
 from tests.conftest import kill, spawn_prunecxr, wait_for
 from tests.test_cli import prunecxr
 from tests.test_train import tiny_config
 
 pytestmark = pytest.mark.slow
+SPLITS = {"train": 400, "val": 60, "test": 60}
 
 
 def _runs(stage: str) -> pd.DataFrame:
@@ -32,7 +35,10 @@ def _train_checkpointed(seed: str) -> bool:
 
 
 def test_a_killed_study_is_continued_and_a_second_process_is_refused(tmp_path, mlflow_store):
-    study = ["study", "--demo-dir", str(tmp_path / "demo"), "--cache-dir", str(tmp_path / "c")]
+    data = tmp_path / "data"  # big enough that an epoch takes a second or two
+    write_synthetic(get_schema("nih-cxr-lt"), data, SPLITS, image_size=48, seed=5)
+    study = ["study", "--data-dir", str(data), "--cache-dir", str(tmp_path / "c")]
+    study += ["--arch", "resnet18", "--image-size", "48", "--batch-size", "32"]
     study += ["--seeds", "2", "--max-epochs", "2", "--methods", "l1,random"]
     study += ["--sparsities", "0,0.5,0.9", "--device", "cpu"]
     first = spawn_prunecxr(*study, log=tmp_path / "first.log")
