@@ -11,7 +11,7 @@ from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score
 
 from prunecxr import PrunecxrError
-from prunecxr.analysis import cooccurrence, forgetting, pies
+from prunecxr.analysis import cooccurrence, figures, forgetting, pies
 from prunecxr.analysis.predictions import SweepPredictions, read_published_predictions
 from prunecxr.data import DatasetSchema, get_schema
 
@@ -153,3 +153,70 @@ def test_published_predictions_with_an_unknown_class_name_the_row(tmp_path):
     _write_published(tmp_path, nih, seeds=(0,), ks=("0",), label="Hernia|Dragon")
     with pytest.raises(PrunecxrError, match="row 0: unknown class 'Dragon'"):
         read_published_predictions(nih, tmp_path, allow_pickle=True)
+
+
+def test_ap_change_is_correlated_at_095_and_pies_stay_at_09():
+    from prunecxr.analysis.study_analysis import analyze_predictions
+
+    preds = _toy_predictions(sparsities=(0.0, 0.5, 0.9, 0.95))
+    result = analyze_predictions(preds)
+    rows = result.tables["tables/correlations.csv"].set_index("y")
+    assert "rel_ap_change_0.95" in rows.index
+    curves = result.tables["tables/forgettability.csv"]
+    at_095 = curves[curves.sparsity == 0.95].set_index("class").rel_ap_change.reindex(TOY.classes)
+    log_freq = np.log(preds.train_counts)
+    expected = spearmanr(log_freq, at_095.to_numpy()).statistic
+    assert rows.loc["rel_ap_change_0.95", "spearman_rho"] == pytest.approx(expected)
+    found = pies.find_pies(preds, "l1", 0.9)
+    assert set(result.tables["tables/pies.csv"]["row"]) == set(found[found.is_pie].row)
+    figures.close(result.figures.values())
+
+
+def test_fcd_correlations_on_the_modes_split():
+    from prunecxr.analysis.study_analysis import analyze_predictions
+
+    preds = _toy_predictions(sparsities=(0.0, 0.5, 0.9, 0.95))
+    for mode, labels in (("paper", preds.train_labels), ("legacy", preds.labels)):
+        result = analyze_predictions(preds, cooccurrence_mode=mode)
+        fcd = result.tables["tables/fcd.csv"]
+        frequency, iou = cooccurrence.pair_statistics(labels, mode)
+        assert fcd.iou.tolist() == pytest.approx([iou[0, 1], iou[0, 2], iou[1, 2]])
+        rows = result.tables["tables/correlations.csv"].set_index("x")
+        for x in ("log_freq_diff", "iou"):
+            expected = spearmanr(fcd[x], fcd.fcd).statistic if np.ptp(fcd[x]) else np.nan
+            assert rows.loc[x, "y"] == "fcd"
+            assert rows.loc[x, "spearman_rho"] == pytest.approx(expected, nan_ok=True)
+        assert ("iou^0.25" in rows.index) == (mode == "legacy")
+        figures.close(result.figures.values())
+
+
+def test_legacy_cooccurrence_uses_test_column_sums_by_hand():
+    test = np.array([[1, 1], [1, 0], [0, 1], [0, 1]], dtype=float)  # M = [[2, 1], [1, 3]]
+    frequency, iou = cooccurrence.pair_statistics(test, "legacy")
+    assert frequency.tolist() == [3, 4]  # column sums of M
+    assert iou[0, 1] == pytest.approx(1 / (3 + 4 - 1))
+    assert cooccurrence.SPLIT_OF_MODE == {"paper": "train", "legacy": "test"}
+
+
+def test_pie_count_is_int_of_5_percent_and_undefined_correlations_are_apart():
+    """N = 79: the original takes int(0.05 * 79) = 3 images; a 5 % quantile would take 4."""
+    rng = np.random.default_rng(3)
+    n = 79
+    dense = rng.random((n, 3))
+    pruned = dense + rng.normal(0, 0.05, (n, 3))
+    pruned[[5, 17, 60, 70]] = dense[[5, 17, 60, 70]][:, ::-1]  # 4 reversed rankings
+    pruned[9] = 0.5  # constant prediction: undefined correlation
+    labels = np.zeros((n, 3))
+    preds = SweepPredictions(
+        TOY,
+        tuple(map(str, range(n))),
+        labels,
+        labels,
+        {("l1", 0, 0.0): dense, ("l1", 0, 0.9): pruned},
+    )
+    found = pies.find_pies(preds, "l1", 0.9)
+    corr = pies.image_correlations(dense, pruned)
+    order = np.argsort(np.where(np.isnan(corr), np.inf, corr), kind="stable")
+    assert found[found.is_pie].row.tolist() == order[:3].tolist()
+    assert found.is_pie.sum() == int(0.05 * n) == 3
+    assert np.isnan(found.set_index("row")["corr"][9]) and not found.set_index("row").is_pie[9]

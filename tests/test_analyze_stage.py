@@ -63,7 +63,14 @@ def test_analyze_logs_the_designs_tables(analyzed):
     k20 = _table(analyzed, "tables/thresholds.csv")
     assert len(k20) == 20 and (k20.train_freq > 0).all()
     assert len(_table(analyzed, "tables/fcd.csv")) == 20 * 19 // 2
-    assert len(_table(analyzed, "tables/pies.csv")) == int(np.ceil(0.05 * 64))
+    assert len(_table(analyzed, "tables/pies.csv")) == int(0.05 * 64)  # as the original
+    correlations = _table(analyzed, "tables/correlations.csv")
+    assert list(zip(correlations.x, correlations.y)) == [
+        ("log_train_freq", "k20"),
+        ("log_train_freq", "rel_ap_change_0.9"),  # this sweep's highest sparsity (no 0.95)
+        ("log_freq_diff", "fcd"),
+        ("iou", "fcd"),
+    ]
     curves = _table(analyzed, "tables/forgettability.csv")
     assert (
         set(curves.sparsity) == {0.0, 0.5, 0.9}

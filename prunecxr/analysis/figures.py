@@ -11,6 +11,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from prunecxr.analysis.cooccurrence import LEGACY_IOU_POWER
+
 METHOD_COLORS = {"l1": "tab:blue", "random": "tab:orange", "structured": "tab:green"}
 
 
@@ -56,12 +58,15 @@ def scatter_with_labels(x, y, labels, *, xlabel: str, ylabel: str, title: str) -
     return fig
 
 
-def fcd_scatter(fcd: pd.DataFrame) -> Figure:
+def fcd_scatter(fcd: pd.DataFrame, mode: str, split: str) -> Figure:
+    """FCD against |Δ log frequency| and IoU; legacy plots IoU^¼ as the original figure."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     axes[0].scatter(fcd.log_freq_diff, fcd.fcd, s=10)
-    axes[0].set(xlabel="|Δ log training frequency|", ylabel="FCD", title="FCD vs frequency gap")
-    axes[1].scatter(fcd.iou, fcd.fcd, s=10, color="tab:red")
-    axes[1].set(xlabel="IoU of the two classes' images", ylabel="FCD", title="FCD vs label overlap")
+    axes[0].set(xlabel=f"|Δ log {split} frequency|", ylabel="FCD", title="FCD vs frequency gap")
+    power = LEGACY_IOU_POWER if mode == "legacy" else 1.0
+    axes[1].scatter(fcd.iou**power, fcd.fcd, s=10, color="tab:red")
+    iou_label = f"(IoU on the {split} split)" + ("$^{1/4}$" if power != 1 else "")
+    axes[1].set(xlabel=iou_label, ylabel="FCD", title="FCD vs label overlap")
     return fig
 
 

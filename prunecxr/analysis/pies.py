@@ -3,7 +3,9 @@ al. 2023, §3.3).
 
 1. Ensemble: average the predicted probabilities over seeds, at k = 0 and at k = 0.9.
 2. Per image: Spearman correlation across classes between the two ensembled vectors.
-3. PIEs: the images whose correlation is in the bottom 5 %.
+3. PIEs: the int(0.05 N) images with the lowest correlation, in a stable sort (as the original
+   code: `np.argsort(corrs)[:int(0.05 * N)]`). An image whose correlation is undefined
+   (constant predictions) is listed apart, never counted as a PIE.
 4. Who they are: per class, the fraction of PIEs with that label over the fraction of other
    images with it; and the same ratio per number of findings (0, 1, 2, 3, 4+; No Finding is not
    a finding).
@@ -11,13 +13,16 @@ al. 2023, §3.3).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
-from scipy.stats import spearmanr
+from scipy.stats import ConstantInputWarning, spearmanr
 
 from prunecxr.analysis.predictions import SweepPredictions
 
 PIE_FRACTION = 0.05
+PIE_SPARSITY = 0.9  # paper §3.3; the AP-change analysis uses forgetting.AP_CHANGE_SPARSITY
 DISEASE_BINS = ("0", "1", "2", "3", "4+")
 
 
@@ -27,18 +32,22 @@ def ensemble(preds: SweepPredictions, method: str, sparsity: float) -> np.ndarra
 
 
 def image_correlations(dense: np.ndarray, pruned: np.ndarray) -> np.ndarray:
-    """(N,) Spearman correlation across classes of each image's two probability vectors."""
-    return np.array([spearmanr(a, b).statistic for a, b in zip(dense, pruned)])
+    """(N,) Spearman correlation across classes of each image's two probability vectors
+    (NaN where either vector is constant)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConstantInputWarning)
+        return np.array([spearmanr(a, b).statistic for a, b in zip(dense, pruned)])
 
 
 def find_pies(preds: SweepPredictions, method: str, sparsity: float) -> pd.DataFrame:
-    """Columns row (0-based row of the test label file), image, corr, is_pie; sorted by corr."""
+    """Columns row (0-based row of the test label file), image, corr (NaN: undefined), is_pie;
+    sorted by corr (stable, undefined last); int(PIE_FRACTION * N) PIEs of N images."""
     corr = image_correlations(ensemble(preds, method, 0.0), ensemble(preds, method, sparsity))
-    corr = np.nan_to_num(corr, nan=-1.0)  # constant predictions: treat as maximally changed
-    cutoff = np.quantile(corr, PIE_FRACTION)
     frame = pd.DataFrame({"row": np.arange(len(corr)), "image": preds.image_ids, "corr": corr})
-    frame["is_pie"] = frame["corr"] <= cutoff
-    return frame.sort_values("corr", kind="stable").reset_index(drop=True)
+    frame = frame.sort_values("corr", kind="stable", na_position="last").reset_index(drop=True)
+    count = min(int(PIE_FRACTION * len(corr)), int(np.isfinite(corr).sum()))
+    frame["is_pie"] = frame.index < count
+    return frame
 
 
 def class_ratios(labels: np.ndarray, is_pie: np.ndarray, classes) -> pd.DataFrame:

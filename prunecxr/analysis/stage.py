@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from prunecxr import PrunecxrError, tracking
 from prunecxr.analysis import figures
+from prunecxr.analysis.cooccurrence import SPLIT_OF_MODE
 from prunecxr.analysis.predictions import (
     SweepPredictions,
     from_prediction_frames,
@@ -65,7 +66,7 @@ def analyze_sweep(sweep_run_id: str, *, cooccurrence_mode: str = "paper") -> str
         "methods": ", ".join(preds.methods),
         "seeds": len(preds.seeds(preds.methods[0])),
         "test images": len(preds.labels),
-        "co-occurrence": cooccurrence_mode,
+        "co-occurrence": _cooccurrence_note(cooccurrence_mode),
     }
     return _log(
         analysis,
@@ -105,13 +106,19 @@ def analyze_published(
         "dataset": schema.name,
         "seeds": len(preds.seeds("l1")),
         "test images": len(preds.labels),
-        "co-occurrence": cooccurrence_mode,
+        "co-occurrence": _cooccurrence_note(cooccurrence_mode),
     }
     return _log(
         analysis,
         {"preds_dir": str(preds_dir), "dataset": schema.name, "cooccurrence": cooccurrence_mode},
         context,
     )
+
+
+def _cooccurrence_note(mode: str) -> str:
+    split = SPLIT_OF_MODE[mode]
+    how = "|A ∩ B| / |A ∪ B|" if mode == "paper" else "co-occurrence column sums (original code)"
+    return f"{mode}: frequency and IoU from the {split} split's labels, IoU = {how}"
 
 
 def _check_complete(preds: SweepPredictions) -> None:

@@ -10,6 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from prunecxr.analysis import cooccurrence, figures, forgetting, pies
+from prunecxr.analysis.forgetting import AP_CHANGE_SPARSITY
 from prunecxr.analysis.predictions import SweepPredictions
 
 GALLERY_SIZE = 12
@@ -46,13 +47,38 @@ def analyze_predictions(
     return result
 
 
+# The paper's correlational findings: (x, y) of tables/correlations.csv -> (claim, sign of ρ).
+CLAIMS = {
+    ("log_train_freq", "k20"): (
+        "rare classes are forgotten at lower sparsity (k20 rises with log frequency)",
+        1,
+    ),
+    ("log_train_freq", "rel_ap_change"): (
+        "rare classes lose more AP at sparsity {k:g} (the change rises with log frequency)",
+        1,
+    ),
+    ("log_freq_diff", "fcd"): (
+        "classes of unlike frequency are forgotten unlike (FCD rises with |Δ log frequency|)",
+        1,
+    ),
+    ("iou", "fcd"): ("classes that co-occur are forgotten alike (FCD falls with IoU)", -1),
+}
+
+
 def _forgetting(result: Analysis, preds, table, method: str, mode: str) -> None:
     classes = preds.schema.classes
     curves = forgetting.forgettability(table, method)
     k20 = forgetting.thresholds(curves, classes, preds.train_counts)
-    k_ref = forgetting.reference_sparsity(preds.sparsities(method))
-    correlations = forgetting.frequency_correlations(curves, k20, k_ref)
-    fcd = cooccurrence.fcd_table(curves, classes, preds.train_labels, mode)
+    k_change = forgetting.swept_or_highest(preds.sparsities(method), AP_CHANGE_SPARSITY)
+    split = cooccurrence.SPLIT_OF_MODE[mode]
+    fcd = cooccurrence.fcd_table(curves, classes, _labels_of(preds, split), mode)
+    correlations = pd.concat(
+        [
+            forgetting.frequency_correlations(curves, k20, k_change),
+            cooccurrence.fcd_correlations(fcd, mode),
+        ],
+        ignore_index=True,
+    )
     result.tables.update(
         {
             "tables/forgettability.csv": curves,
@@ -62,7 +88,7 @@ def _forgetting(result: Analysis, preds, table, method: str, mode: str) -> None:
         }
     )
     log_freq = np.log(k20.train_freq.clip(lower=1).to_numpy(float))
-    at_ref = curves[curves.sparsity == k_ref].set_index("class").rel_ap_change.reindex(classes)
+    at_k = curves[curves.sparsity == k_change].set_index("class").rel_ap_change.reindex(classes)
     result.figures.update(
         {
             "figures/forgettability_curves.png": figures.forgettability_curves(curves, k20, method),
@@ -76,37 +102,45 @@ def _forgetting(result: Analysis, preds, table, method: str, mode: str) -> None:
             ),
             "figures/ap_change_vs_frequency.png": figures.scatter_with_labels(
                 log_freq,
-                100 * at_ref.to_numpy(),
+                100 * at_k.to_numpy(),
                 classes,
                 xlabel="log training frequency",
-                ylabel=f"relative AP change at sparsity {k_ref:g} (%)",
+                ylabel=f"relative AP change at sparsity {k_change:g} (%)",
                 title=f"Damage by class ({method})",
             ),
-            "figures/fcd.png": figures.fcd_scatter(fcd),
+            "figures/fcd.png": figures.fcd_scatter(fcd, mode, split),
         }
     )
+    _correlation_findings(result, correlations, k_change)
+    result.numbers["classes_forgotten_by_k_change"] = float((k20.k20 <= k_change).sum())
+
+
+def _labels_of(preds, split: str) -> np.ndarray:
+    return preds.train_labels if split == "train" else preds.labels
+
+
+def _correlation_findings(result: Analysis, correlations: pd.DataFrame, k: float) -> None:
     for row in correlations.itertuples():
-        seen = bool(row.spearman_rho > 0 and row.spearman_p < 0.05) if row.n >= 3 else None
-        claim = {
-            "k20": "rare classes are forgotten at lower sparsity (k20 rises with log frequency)"
-        }.get(
-            row.y,
-            f"rare classes lose more AP at sparsity {k_ref:g} (change rises with log frequency)",
-        )
+        key = (row.x, "rel_ap_change" if row.y.startswith("rel_ap_change") else row.y)
+        if key not in CLAIMS:
+            continue  # e.g. legacy's iou^0.25 row: the same Spearman ρ as the iou row
+        claim, sign = CLAIMS[key]
+        seen = None
+        if row.n >= 3 and np.isfinite(row.spearman_rho):
+            seen = bool(sign * row.spearman_rho > 0 and row.spearman_p < 0.05)
         result.findings.append(
             (
-                claim,
+                claim.format(k=k),
                 seen,
                 f"Spearman ρ = {row.spearman_rho:.2f} (p = {row.spearman_p:.3g}), "
                 f"Pearson r = {row.pearson_r:.2f} (p = {row.pearson_p:.3g}), n = {row.n}",
             )
         )
-        result.numbers[f"spearman_{row.y}"] = row.spearman_rho
-    result.numbers["classes_forgotten_by_k_ref"] = float((k20.k20 <= k_ref).sum())
+        result.numbers[f"spearman_{row.y}_vs_{row.x}"] = row.spearman_rho
 
 
 def _pies(result: Analysis, preds, method: str, load_image) -> None:
-    k_ref = forgetting.reference_sparsity(preds.sparsities(method))
+    k_ref = forgetting.swept_or_highest(preds.sparsities(method), pies.PIE_SPARSITY)
     found = pies.find_pies(preds, method, k_ref)
     is_pie = np.zeros(len(preds.labels), bool)
     is_pie[found.row[found.is_pie]] = True
@@ -116,6 +150,7 @@ def _pies(result: Analysis, preds, method: str, load_image) -> None:
     result.tables.update(
         {
             "tables/pies.csv": found[found.is_pie][["row", "image", "corr"]],
+            "tables/pies_undefined.csv": found[found["corr"].isna()][["row", "image"]],
             "tables/pie_class_ratios.csv": ratios,
             "tables/pie_disease_counts.csv": counts,
         }
@@ -145,7 +180,13 @@ def _pies(result: Analysis, preds, method: str, load_image) -> None:
             f"{100 * pie_multi:.1f} % of PIEs vs {100 * other_multi:.1f} % of other images",
         )
     )
-    result.numbers.update({"n_pies": float(is_pie.sum()), "pie_multi_finding_share": pie_multi})
+    result.numbers.update(
+        {
+            "n_pies": float(is_pie.sum()),
+            "n_undefined_correlation": float(found["corr"].isna().sum()),
+            "pie_multi_finding_share": pie_multi,
+        }
+    )
     if load_image is not None:
         rows = found[found.is_pie].row.to_numpy()[:GALLERY_SIZE]
         captions = [
