@@ -23,6 +23,8 @@ from prunecxr.cli_settings import (
     model_options,
     optimization_options,
     parse_methods,
+    published_options,
+    published_predictions,
     resume_overrides,
     runtime_options,
     seed_option,
@@ -233,48 +235,24 @@ def sweep(model_uris, methods, sparsities, log_models, seeds, experiment, **sett
 @cli.command()
 @click.option("--sweep-run-id", help="Analyze this sweep [default: the newest finished sweep].")
 @click.option(
-    "--preds-dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="The original study's published {dataset}_resnet50_seed-{s}_prune-{k}.pkl files.",
-)
-@click.option(
-    "--allow-pickle", is_flag=True, help="Trust --preds-dir: its pickle files can run code."
-)
-@click.option(
     "--cooccurrence",
     type=click.Choice(["paper", "legacy"]),
     default="paper",
     show_default=True,
-    help="IoU/frequency for FCD: the paper's definition or the original code's column sums.",
+    help="FCD's frequency and IoU: the paper's (train split, |A∩B|/|A∪B|) or the original "
+    "code's (test split, co-occurrence column sums).",
 )
-@dataset_option
-@click.option(
-    "--label-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Label files (with --preds-dir).",
-)
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Images, for the PIE gallery (with --preds-dir; optional).",
-)
+@published_options
 @experiment_option
-def analyze(
-    sweep_run_id, preds_dir, allow_pickle, cooccurrence, dataset, label_dir, data_dir, experiment
-) -> None:
+def analyze(sweep_run_id, cooccurrence, allow_pickle, experiment, **published) -> None:
     """Forgettability curves, k20 thresholds, FCD, PIEs, figures and report.html of a sweep."""
     from prunecxr import tracking
     from prunecxr.analysis.stage import analyze_published, analyze_sweep, default_sweep_run_id
 
     tracking.use_experiment(experiment)
-    if preds_dir is not None:
-        if label_dir is None:
-            raise PrunecxrError("--preds-dir needs --label-dir (the study's label files)")
+    if published["preds_dir"] is not None:
         run_id = analyze_published(
-            dataset,
-            preds_dir,
-            label_dir,
-            data_dir=data_dir,
+            published_predictions(**published),
             allow_pickle=allow_pickle,
             cooccurrence_mode=cooccurrence,
         )

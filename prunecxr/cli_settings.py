@@ -213,3 +213,42 @@ def finetune_settings(settings: dict):
 def resume_overrides(typed: dict) -> dict:
     """The options typed with --resume, as TrainConfig overrides (paths as text)."""
     return {key: str(v) if isinstance(v, Path) else v for key, v in typed.items()}
+
+
+# `analyze --preds-dir`: the original study's published prediction files.
+published_options = stack_options(
+    click.option(
+        "--preds-dir",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        help="The original study's published {dataset}_resnet50_seed-{s}_prune-{k}.pkl files.",
+    ),
+    click.option(
+        "--allow-pickle", is_flag=True, help="Trust --preds-dir: its pickle files can run code."
+    ),
+    click.option(
+        "--method",
+        type=click.Choice(["l1", "random"]),
+        default="l1",
+        show_default=True,
+        help="What --preds-dir holds (the original wrote L1 and random pruning apart).",
+    ),
+    dataset_option,
+    click.option(
+        "--label-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Label files (with --preds-dir).",
+    ),
+    click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Images, for the PIE gallery (with --preds-dir; optional).",
+    ),
+)
+
+
+def published_predictions(*, preds_dir, method, dataset, label_dir, data_dir):
+    from prunecxr.analysis.stage import PublishedPredictions
+
+    if label_dir is None:
+        raise PrunecxrError("--preds-dir needs --label-dir (the study's label files)")
+    return PublishedPredictions(dataset, preds_dir, label_dir, data_dir, method)

@@ -220,3 +220,25 @@ def test_pie_count_is_int_of_5_percent_and_undefined_correlations_are_apart():
     assert found[found.is_pie].row.tolist() == order[:3].tolist()
     assert found.is_pie.sum() == int(0.05 * n) == 3
     assert np.isnan(found.set_index("row")["corr"][9]) and not found.set_index("row").is_pie[9]
+
+
+def test_published_files_of_random_pruning_with_val_files_beside(tmp_path):
+    nih = get_schema("nih-cxr-lt")
+    _write_published(tmp_path, nih)
+    val = pd.DataFrame(np.full((2, nih.num_classes), 0.3), columns=nih.classes)  # other rows
+    val["label"] = ["Mass", "Hernia"]
+    val.to_pickle(tmp_path / "nih-cxr-lt_resnet50_seed-0_prune-0_val.pkl")
+    preds = read_published_predictions(nih, tmp_path, allow_pickle=True, method="random")
+    assert set(preds.probs) == {("random", s, k) for s in (0, 1) for k in (0.0, 0.5, 0.9)}
+    assert len(preds.labels) == 4  # the test files' rows; the _val file is not read
+
+
+def test_a_missing_published_file_is_named(tmp_path):
+    nih = get_schema("nih-cxr-lt")
+    _write_published(tmp_path, nih, seeds=(0, 1, 2))
+    (tmp_path / "nih-cxr-lt_resnet50_seed-1_prune-0.5.pkl").unlink()
+    (tmp_path / "nih-cxr-lt_resnet50_seed-2_prune-0.9.pkl").unlink()
+    with pytest.raises(
+        PrunecxrError, match="2 prediction files missing \\(seed 1 at 0.5, seed 2 at 0.9\\)"
+    ):
+        read_published_predictions(nih, tmp_path, allow_pickle=True)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from prunecxr import tracking
 from prunecxr.analysis.stage import analyze_sweep
+from prunecxr.data import get_schema
 from prunecxr.sources import load_source
 from prunecxr.sweep import CellSettings, run_sweep
 from prunecxr.train import run_training
@@ -120,3 +121,35 @@ def test_report_is_self_contained_and_renders(analyzed, tmp_path):
     )
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 20  # text and figures, not a blank page
+
+
+def test_analyze_the_original_studys_published_random_pruning_files(
+    tiny_nih, tmp_path, mlflow_store
+):
+    """Files as the original's prune.py wrote them (pandas pickles with a '|'-joined `label`),
+    a directory of random pruning, analyzed from the command line with the legacy FCD."""
+    from prunecxr.data.labels import read_labels
+    from tests.test_cli import prunecxr
+
+    nih = get_schema("nih-cxr-lt")
+    test = read_labels(nih, tiny_nih, "test")
+    names = ["|".join(np.array(nih.classes)[row == 1]) for row in test.labels]
+    rng = np.random.default_rng(0)
+    for seed in (0, 1):
+        for k in ("0", "0.5", "0.9", "0.95"):
+            noise = rng.random(test.labels.shape) * (0.3 + float(k))
+            frame = pd.DataFrame(np.clip(0.6 * test.labels + noise, 0, 1), columns=nih.classes)
+            frame["label"] = names
+            frame.to_pickle(tmp_path / f"nih-cxr-lt_resnet50_seed-{seed}_prune-{k}.pkl")
+    result = prunecxr(
+        *("analyze", "--preds-dir", str(tmp_path), "--label-dir", str(tiny_nih)),
+        *("--allow-pickle", "--method", "random", "--cooccurrence", "legacy"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = result.stdout.split("analyze run ")[1].split(":")[0]
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["method"] == "random"
+    correlations = _table(run_id, "tables/correlations.csv")
+    assert {"rel_ap_change_0.95", "fcd"} <= set(correlations.y)
+    assert "iou^0.25" in set(correlations.x)
+    assert len(_table(run_id, "tables/pies.csv")) == int(0.05 * len(test.labels))

@@ -5,7 +5,6 @@ Sources: the prune runs under a sweep run, or the original study's published pre
 
 from __future__ import annotations
 
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,11 +59,13 @@ def from_prediction_frames(
 
 
 def read_published_predictions(
-    schema: DatasetSchema, preds_dir: Path, *, allow_pickle: bool
+    schema: DatasetSchema, preds_dir: Path, *, allow_pickle: bool, method: str = "l1"
 ) -> SweepPredictions:
-    """The original study's files: a DataFrame with one probability column per class and a
-    `label` column of '|'-joined class names. Pickle can run code: only with allow_pickle.
-    Image ids are row numbers and train_labels empty: the caller adds both from label files."""
+    """The original study's test-set files of one pruning `method` (its L1 and random runs
+    were written to separate directories): a DataFrame with one probability column per class
+    and a `label` column of '|'-joined class names. Its `_val` files are not used (no analysis
+    here needs validation predictions). Pickle can run code: only with allow_pickle. Image ids
+    are row numbers and train_labels empty: the caller adds both from label files."""
     files = sorted(p for p in Path(preds_dir).glob("*.pkl") if _matches(p, schema))
     if not files:
         raise PrunecxrError(
@@ -75,16 +76,34 @@ def read_published_predictions(
             f"{files[0]} is a pickle file, and unpickling can run arbitrary code: pass "
             f"--allow-pickle if you trust {preds_dir}"
         )
+    keyed = {_seed_and_sparsity(path): path for path in files}
+    _check_grid(set(keyed), preds_dir)
     probs, labels = {}, None
-    for path in files:
-        match = PRED_FILE.fullmatch(path.name)
+    for (seed, sparsity), path in keyed.items():
         frame = _unpickle(path)
-        probs[("l1", int(match["seed"]), float(match["k"]))] = frame[list(schema.classes)].to_numpy(
-            float
-        )
+        probs[(method, seed, sparsity)] = frame[list(schema.classes)].to_numpy(float)
         labels = labels if labels is not None else _labels_from_names(frame["label"], schema, path)
     image_ids = tuple(str(i) for i in range(len(labels)))
     return SweepPredictions(schema, image_ids, labels, np.zeros((0, schema.num_classes)), probs)
+
+
+def _seed_and_sparsity(path: Path) -> tuple[int, float]:
+    match = PRED_FILE.fullmatch(path.name)
+    return int(match["seed"]), float(match["k"])
+
+
+def _check_grid(found: set[tuple[int, float]], preds_dir: Path) -> None:
+    """Seeds 0..max (the original numbers them so) x every sparsity seen: all must be there."""
+    seeds = range(max(seed for seed, _ in found) + 1)
+    sparsities = sorted({k for _, k in found})
+    missing = [(s, k) for s in seeds for k in sparsities if (s, k) not in found]
+    if missing:
+        listed = ", ".join(f"seed {s} at {k:g}" for s, k in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise PrunecxrError(
+            f"{preds_dir}: {len(missing)} prediction files missing ({listed}{more}); every "
+            f"seed 0..{seeds[-1]} needs every sparsity {','.join(f'{k:g}' for k in sparsities)}"
+        )
 
 
 def _matches(path: Path, schema: DatasetSchema) -> bool:
@@ -93,8 +112,9 @@ def _matches(path: Path, schema: DatasetSchema) -> bool:
 
 
 def _unpickle(path: Path) -> pd.DataFrame:
-    with open(path, "rb") as file:
-        frame = pickle.load(file)  # noqa: S301 - guarded by allow_pickle
+    # pandas' reader, not pickle.load: the files were written by pandas 1.5, and read_pickle
+    # maps that version's internals onto today's.
+    frame = pd.read_pickle(path)  # noqa: S301 - guarded by allow_pickle
     if not isinstance(frame, pd.DataFrame) or "label" not in frame.columns:
         raise PrunecxrError(f"{path}: expected a DataFrame with a 'label' column")
     return frame

@@ -3,6 +3,7 @@ run every analysis, and log tables, figures and report.html as an analyze run.""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,44 +76,54 @@ def analyze_sweep(sweep_run_id: str, *, cooccurrence_mode: str = "paper") -> str
     )
 
 
+@dataclass(frozen=True)
+class PublishedPredictions:
+    """The original study's prediction files of one method, with the study's label files."""
+
+    dataset: str
+    preds_dir: Path
+    label_dir: Path
+    data_dir: Path | None = None  # images, for the PIE gallery
+    method: str = "l1"  # what the directory holds: the original wrote l1 and random apart
+
+
 def analyze_published(
-    dataset: str,
-    preds_dir: Path,
-    label_dir: Path,
-    *,
-    data_dir: Path | None,
-    allow_pickle: bool,
-    cooccurrence_mode: str = "paper",
+    published: PublishedPredictions, *, allow_pickle: bool, cooccurrence_mode: str = "paper"
 ) -> str:
     """Analyze the original study's published prediction files."""
-    schema = get_schema(dataset)
-    preds = read_published_predictions(schema, preds_dir, allow_pickle=allow_pickle)
-    train_labels = read_labels(schema, label_dir, "train").labels
+    schema = get_schema(published.dataset)
+    preds = read_published_predictions(
+        schema, published.preds_dir, allow_pickle=allow_pickle, method=published.method
+    )
+    train_labels = read_labels(schema, published.label_dir, "train").labels
     _check_complete(preds)
-    test = read_labels(schema, label_dir, "test")
+    test = read_labels(schema, published.label_dir, "test")
     if len(test.labels) != len(preds.labels):
         raise PrunecxrError(
             f"{test.path} has {len(test.labels)} rows, the predictions {len(preds.labels)}"
         )
     preds = SweepPredictions(schema, test.image_ids, preds.labels, train_labels, preds.probs)
     load_image = None
-    if data_dir is not None:
-        load_image = lambda row: decode_image(Path(data_dir) / test.image_ids[row], 256)  # noqa: E731
+    if published.data_dir is not None:
+        images = Path(published.data_dir)
+        load_image = lambda row: decode_image(images / test.image_ids[row], 256)  # noqa: E731
     analysis = analyze_predictions(
         preds, cooccurrence_mode=cooccurrence_mode, load_image=load_image
     )
     context = {
-        "predictions": str(preds_dir),
+        "predictions": f"{published.preds_dir} ({published.method})",
         "dataset": schema.name,
-        "seeds": len(preds.seeds("l1")),
+        "seeds": len(preds.seeds(published.method)),
         "test images": len(preds.labels),
         "co-occurrence": _cooccurrence_note(cooccurrence_mode),
     }
-    return _log(
-        analysis,
-        {"preds_dir": str(preds_dir), "dataset": schema.name, "cooccurrence": cooccurrence_mode},
-        context,
-    )
+    params = {
+        "preds_dir": str(published.preds_dir),
+        "method": published.method,
+        "dataset": schema.name,
+        "cooccurrence": cooccurrence_mode,
+    }
+    return _log(analysis, params, context)
 
 
 def _cooccurrence_note(mode: str) -> str:
