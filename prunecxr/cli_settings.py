@@ -72,6 +72,12 @@ data_options = stack_options(
         show_default=True,
         help="Processes decoding images for the cache.",
     ),
+    click.option(
+        "--preprocess",
+        type=click.Choice(["default", "original"]),
+        help="How pixels are made: Pillow with antialiasing, or OpenCV INTER_LINEAR as the "
+        "original code [default: original for a chkpt.pt file, else default].",
+    ),
 )
 arch_option = click.option(
     "--arch",
@@ -123,7 +129,7 @@ def cache_override(cache_dir: Path | None) -> dict:
     return {"cache_dir": str(cache_dir)} if cache_dir else {}
 
 
-def train_config(*, data_dir, label_dir, pretrained, cache_dir, **settings):
+def train_config(*, data_dir, label_dir, pretrained, cache_dir, preprocess, **settings):
     from prunecxr.train import TrainConfig, default_pretrained
 
     if data_dir is None:
@@ -132,6 +138,7 @@ def train_config(*, data_dir, label_dir, pretrained, cache_dir, **settings):
         data_dir=str(data_dir),
         label_dir=str(label_dir or data_dir),
         pretrained=pretrained or default_pretrained(data_dir),
+        preprocess=preprocess or "default",
         **settings,
         **cache_override(cache_dir),
     )
@@ -165,6 +172,8 @@ def load_source_from_settings(uri: str, settings: dict, seed: int | None = None)
             str(settings["label_dir"] or settings["data_dir"]),
             settings["image_size"],
             **cache_override(settings["cache_dir"]),
+            # a checkpoint file of the original study saw OpenCV's pixels
+            preprocess=settings["preprocess"] or "original",
         )
     cache_dir = str(settings["cache_dir"]) if settings["cache_dir"] else None
     return load_source(

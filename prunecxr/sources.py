@@ -30,6 +30,7 @@ class DataSettings:
     label_dir: str
     image_size: int
     cache_dir: str = str(DEFAULT_CACHE_DIR)
+    preprocess: str = "default"  # how pixels were made for the model (data/cache.py)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class ModelSource:
             "data_dir": self.data.data_dir,
             "label_dir": self.data.label_dir,
             "cache_dir": self.data.cache_dir,
+            "preprocess": self.data.preprocess,
         }
         if self.sha256:
             params.update(checkpoint_path=self.uri, checkpoint_sha256=self.sha256)
@@ -122,6 +124,7 @@ def _data_settings(params: dict[str, str], cache_dir: str | None) -> DataSetting
         params["label_dir"],
         int(params["image_size"]),
         cache_dir or params.get("cache_dir", str(DEFAULT_CACHE_DIR)),
+        params.get("preprocess", "default"),  # runs from before the option: default
     )
 
 

@@ -70,6 +70,7 @@ def load_data_split(data: DataSettings, split: str, num_workers: int = 0) -> Spl
         data.image_size,
         cache_dir=Path(data.cache_dir),
         num_workers=num_workers,
+        preprocess=data.preprocess,
     )
 
 

@@ -57,6 +57,7 @@ class TrainConfig:
     precision: str = "auto"  # autocast: auto = bf16 on CUDA, fp32 on the CPU
     num_workers: int = 0  # processes decoding images while the cache is built
     cache_dir: str = str(DEFAULT_CACHE_DIR)
+    preprocess: str = "default"  # how pixels are made; "original": OpenCV as the original code
 
 
 def default_pretrained(data_dir: str | Path) -> str:
@@ -186,6 +187,7 @@ def load_splits(config: TrainConfig) -> dict[str, SplitData]:
             config.image_size,
             cache_dir=Path(config.cache_dir),
             num_workers=config.num_workers,
+            preprocess=config.preprocess,
         )
         for split in ("train", "val", "test")
     }

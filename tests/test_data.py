@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -153,3 +154,40 @@ def test_augment_flips_and_rotates_each_image_independently():
     assert rows.std(dim=1).max() > 0.05  # rotation tilts the edge: rows differ
     again = augment(batch, torch.Generator().manual_seed(0))
     assert torch.equal(out, again)  # same generator state, same augmentation
+
+
+def _radiograph_like(tmp_path, name: str, dtype=np.uint8, size: int = 300) -> Path:
+    """A grey image with fine stripes: where antialiasing and plain bilinear differ."""
+    rng = np.random.default_rng(len(name))
+    y, x = np.mgrid[0:size, 0:size]
+    base = 0.5 + 0.3 * np.sin(x * 1.7) * np.cos(y * 0.9) + 0.1 * rng.random((size, size))
+    top = np.iinfo(dtype).max
+    path = tmp_path / name
+    Image.fromarray((np.clip(base, 0, 1) * top).astype(dtype)).save(path)
+    return path
+
+
+def test_original_preprocess_gives_opencvs_pixels_as_the_original_code(tmp_path, cache_dir):
+    """The original's datasets.py: cv2.imread(path) then cv2.resize(x, (256, 256)), defaults
+    (3 equal channels of a grey image, INTER_LINEAR without antialiasing)."""
+    cv2 = pytest.importorskip("cv2")
+    paths = [_radiograph_like(tmp_path, f"{i}.png") for i in range(3)]
+    paths.append(_radiograph_like(tmp_path, "deep.png", dtype=np.uint16))  # 16-bit PNG
+    Image.open(paths[0]).convert("L").save(tmp_path / "photo.jpg", quality=90)
+    paths.append(tmp_path / "photo.jpg")
+    label_file = tmp_path / "labels.csv"
+    label_file.write_text("id\n" + "\n".join(p.name for p in paths))
+    cached = load_images(label_file, paths, 64, cache_dir=cache_dir, preprocess="original")
+    for path, pixels in zip(paths, cached):
+        expected = cv2.resize(cv2.imread(str(path)), (64, 64))
+        assert (expected[..., 0] == expected[..., 2]).all()  # grey: equal channels
+        np.testing.assert_array_equal(pixels, expected[..., 0])
+    default = load_images(label_file, paths, 64, cache_dir=cache_dir)
+    assert np.abs(default[0].astype(int) - cached[0].astype(int)).max() > 10  # antialiased
+    assert len(list(cache_dir.glob("*.npy"))) == 2  # one cache each, side by side
+
+
+def test_unknown_preprocess_lists_the_choices(tmp_path):
+    path = _radiograph_like(tmp_path, "a.png")
+    with pytest.raises(PrunecxrError, match="default, original"):
+        decode_image(path, 32, "bicubic")

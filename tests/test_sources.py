@@ -76,6 +76,7 @@ def test_three_original_checkpoints_sweep_as_three_seeds_and_analyze(
     cells = _cells(sweep_id)
     assert len(cells) == 3 * 2 * 3 and set(cells.status) == {"FINISHED"}
     assert sorted(set(cells["params.seed"])) == ["0", "1", "2"]
+    assert set(cells["params.preprocess"]) == {"original"}  # the original's pixels for its files
     for path, seed in zip(paths, ("0", "1", "2")):
         mine = cells[cells["params.seed"] == seed]
         assert set(mine["params.checkpoint_path"]) == {str(path)}

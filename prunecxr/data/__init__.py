@@ -35,10 +35,17 @@ def load_split(
     *,
     cache_dir: Path = DEFAULT_CACHE_DIR,
     num_workers: int = 0,
+    preprocess: str = "default",
 ) -> SplitData:
+    """One split's labels and cached images; `preprocess` is how pixels are made (cache.py)."""
     table = read_labels(schema, label_dir, split)
     image_paths = [Path(data_dir) / image_id for image_id in table.image_ids]
     images = load_images(
-        table.path, image_paths, image_size, cache_dir=cache_dir, num_workers=num_workers
+        table.path,
+        image_paths,
+        image_size,
+        cache_dir=cache_dir,
+        num_workers=num_workers,
+        preprocess=preprocess,
     )
     return SplitData(table.image_ids, images, table.labels)

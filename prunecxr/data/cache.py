@@ -1,8 +1,15 @@
 """Decode-once image cache: every image of a split, resized to S x S grey uint8, in one memory-mapped
-.npy file. Training epochs and every sparsity of a sweep read from it instead of decoding again."""
+.npy file. Training epochs and every sparsity of a sweep read from it instead of decoding again.
+
+Two ways to make the pixels (`preprocess`):
+- "default": Pillow, bilinear with antialiasing (a fair downscale of 1024 px radiographs).
+- "original": as the original study's code, OpenCV `imread` + `resize` (INTER_LINEAR, no
+  antialiasing), so its published checkpoints see the pixels they were trained on. Needs
+  opencv-python-headless (`pip install 'prunecxr[original]'`)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -15,10 +22,15 @@ from tqdm import tqdm
 from prunecxr import PrunecxrError
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("PRUNECXR_CACHE", Path.home() / ".cache" / "prunecxr"))
+PREPROCESS = ("default", "original")
 
 
-def decode_image(path: Path, image_size: int) -> np.ndarray:
+def decode_image(path: Path, image_size: int, preprocess: str = "default") -> np.ndarray:
     """PNG/JPEG, grey or RGB (8 or 16 bit) -> (S, S) uint8 grey."""
+    if preprocess == "original":
+        return _decode_like_the_original(Path(path), image_size)
+    if preprocess != "default":
+        raise PrunecxrError(f"unknown preprocess {preprocess!r}; valid: {', '.join(PREPROCESS)}")
     try:
         with Image.open(path) as image:
             image = _to_grey8(image)
@@ -30,6 +42,24 @@ def decode_image(path: Path, image_size: int) -> np.ndarray:
         raise PrunecxrError(f"cannot decode image {path}: {error}") from None
 
 
+def _decode_like_the_original(path: Path, image_size: int) -> np.ndarray:
+    """cv2.imread (8-bit; 16-bit images are scaled down by OpenCV) + cv2.resize INTER_LINEAR,
+    as the original's datasets.py. It reads 3 equal channels for a grey radiograph; one is kept."""
+    try:
+        import cv2
+    except ImportError:
+        raise PrunecxrError(
+            "--preprocess original needs OpenCV: pip install 'prunecxr[original]' "
+            "(opencv-python-headless)"
+        ) from None
+    if not path.exists():
+        raise PrunecxrError(f"image not found: {path}")
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise PrunecxrError(f"cannot decode image {path}: OpenCV could not read it")
+    return cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+
+
 def _to_grey8(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
@@ -37,11 +67,16 @@ def _to_grey8(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
-def cache_key(label_file: Path, image_paths: list[Path], image_size: int) -> str:
-    """Content key: the label file's bytes, every image's path, size and mtime, and the size.
-    Stat-ing (not reading) the images keeps the check cheap on 100k-image datasets."""
+def cache_key(
+    label_file: Path, image_paths: list[Path], image_size: int, preprocess: str = "default"
+) -> str:
+    """Content key: the label file's bytes, every image's path, size and mtime, the size and
+    how pixels are made. Stat-ing (not reading) the images keeps the check cheap on 100k-image
+    datasets."""
     digest = hashlib.sha256(Path(label_file).read_bytes())
     digest.update(f"size={image_size}".encode())
+    if preprocess != "default":  # default keeps the keys of caches built before this option
+        digest.update(f"preprocess={preprocess}".encode())
     for path in image_paths:
         try:
             stat = path.stat()
@@ -58,16 +93,21 @@ def load_images(
     *,
     cache_dir: Path = DEFAULT_CACHE_DIR,
     num_workers: int = 0,
+    preprocess: str = "default",
 ) -> np.ndarray:
     """(N, S, S) uint8 memory-mapped view of the images, decoding them only on a cache miss."""
-    key = cache_key(label_file, image_paths, image_size)
-    path = Path(cache_dir) / f"{Path(label_file).stem}-{image_size}px-{key}.npy"
+    key = cache_key(label_file, image_paths, image_size, preprocess)
+    how = "" if preprocess == "default" else f"-{preprocess}"
+    path = Path(cache_dir) / f"{Path(label_file).stem}-{image_size}px{how}-{key}.npy"
     if not path.exists():
-        _build_cache(path, image_paths, image_size, num_workers)
+        decode = functools.partial(decode_image, image_size=image_size, preprocess=preprocess)
+        _build_cache(path, image_paths, decode, image_size, num_workers)
     return np.load(path, mmap_mode="r")
 
 
-def _build_cache(path: Path, image_paths: list[Path], image_size: int, num_workers: int) -> None:
+def _build_cache(
+    path: Path, image_paths: list[Path], decode, image_size: int, num_workers: int
+) -> None:
     """Decode into a temporary file and rename it, so an interrupted build never leaves a
     truncated cache behind that a later run would trust."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,14 +118,12 @@ def _build_cache(path: Path, image_paths: list[Path], image_size: int, num_worke
     try:
         if num_workers > 0:
             with ProcessPoolExecutor(num_workers) as pool:
-                decoded = pool.map(
-                    decode_image, image_paths, [image_size] * len(image_paths), chunksize=64
-                )
+                decoded = pool.map(decode, image_paths, chunksize=64)
                 for index, image in enumerate(tqdm(decoded, **progress)):
                     array[index] = image
         else:
             for index, image_path in enumerate(tqdm(image_paths, **progress)):
-                array[index] = decode_image(image_path, image_size)
+                array[index] = decode(image_path)
         array.flush()
         del array
         partial.replace(path)
