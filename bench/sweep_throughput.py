@@ -5,8 +5,8 @@ each sparsity, two ways:
 1. original: per sparsity, reload the checkpoint from disk and build a fresh DataLoader that
    decodes and resizes every image file and normalizes it per image; fp32 (as VITA-Group/PruneCXR).
 2. prunecxr: decode once into the uint8 cache (its build time is counted), hold the test tensor
-   in memory, copy the in-memory model per sparsity, normalize per batch; bf16 + channels_last
-   on CUDA.
+   in memory, copy the in-memory model per sparsity, normalize per batch; as a sweep cell:
+   channels_last on CUDA, analysis-grade fp32.
 Prints images evaluated per second for both, their ratio, and the largest difference between
 the two ways' predicted probabilities.
 
@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--data-dir", help="reuse a folder (its images are generated once)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    runtime = resolve_runtime(args.device)  # bf16 + channels_last on CUDA, fp32 on the CPU
+    runtime = resolve_runtime(args.device, for_analysis=True)  # as a sweep cell: fp32
     device = runtime.device
     data_dir, checkpoint, paths = prepare(args)
     for cached in (data_dir / "cache").glob("*.npy"):
@@ -154,8 +154,8 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
-    # fp32 on both sides on the CPU; bf16 autocast against fp32 on CUDA.
-    tolerance = 0.05 if device.type == "cuda" else 1e-4
+    # fp32 on both sides; on CUDA the original way may use TF32 convolutions (PyTorch's default).
+    tolerance = 1e-2 if device.type == "cuda" else 1e-4
     if result["max_abs_prob_diff"] > tolerance:
         raise SystemExit(f"predictions differ by {result['max_abs_prob_diff']:.2e} > {tolerance}")
     print(f"predictions agree within {tolerance}")

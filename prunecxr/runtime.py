@@ -1,13 +1,18 @@
 """Where and how a model runs: the device, the memory layout and the autocast precision.
 
-On CUDA the defaults are channels_last and bf16 autocast (the fast path on Ampere/Hopper); on the
-CPU, neither. Every switch can be chosen on either device with the same code, so CI runs the
-GPU's code path on a CPU. Models are stored (logged, checkpointed, pruned) in the standard
-contiguous layout, whatever layout they ran in, so they load and prune anywhere."""
+On CUDA the training defaults are channels_last and bf16 autocast (the fast path on
+Ampere/Hopper); on the CPU, neither. Evaluation whose predictions feed the analysis (test
+metrics, sweep cells) defaults to fp32: bf16 logits tie and reorder images within a class's
+ranking enough to move APs by 0.05 and change PIEs (docs/PRECISION.md). fp32 is strict fp32:
+TF32 tensor-core math is switched off while it runs. Every switch can be chosen on either
+device with the same code, so CI runs the GPU's code path on a CPU. Models are stored (logged,
+checkpointed, pruned) in the standard contiguous layout, whatever layout they ran in, so they
+load and prune anywhere."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +47,7 @@ class Runtime:
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return _strict_fp32()
 
     def describe(self) -> dict[str, str]:
         """What ran, for the run's params: device, channels_last, precision."""
@@ -64,19 +69,33 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_runtime(
-    device: str = "auto", channels_last: bool | None = None, precision: str = "auto"
+    device: str = "auto",
+    channels_last: bool | None = None,
+    precision: str = "auto",
+    *,
+    for_analysis: bool = False,
 ) -> Runtime:
     """Resolve "auto" (and channels_last None) per device: on CUDA channels_last + bf16, on the
-    CPU the standard layout + fp32."""
+    CPU the standard layout + fp32. `for_analysis`: predictions the analysis uses, where
+    "auto" precision is fp32 on every device."""
     if precision not in PRECISIONS:
         raise PrunecxrError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     resolved = resolve_device(device)
     on_cuda = resolved.type == "cuda"
-    return Runtime(
-        resolved,
-        on_cuda if channels_last is None else channels_last,
-        ("bf16" if on_cuda else "fp32") if precision == "auto" else precision,
-    )
+    if precision == "auto":
+        precision = "bf16" if on_cuda and not for_analysis else "fp32"
+    return Runtime(resolved, on_cuda if channels_last is None else channels_last, precision)
+
+
+@contextlib.contextmanager
+def _strict_fp32() -> Iterator[None]:
+    """No TF32 (10-bit mantissa) in CUDA convolutions and matmuls while inside."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def standard_layout(model: nn.Module) -> nn.Module:

@@ -42,7 +42,7 @@ LATENCY_BATCH = 32
 class CellSettings:
     device: str = "auto"
     channels_last: bool | None = None  # None: on for CUDA
-    precision: str = "auto"  # bf16 autocast on CUDA, fp32 on the CPU
+    precision: str = "auto"  # fp32 (analysis-grade) on every device; bf16 only when asked
     batch_size: int = 256
     log_model: bool = False  # sweeps keep only metrics and predictions per cell
     num_workers: int = 0  # processes decoding images if the test-set cache must be built
@@ -100,7 +100,9 @@ def run_cell(
 ) -> str:
     """Prune a copy of the source model, evaluate it on `test`, log one prune run (nested under
     the active run if any). Returns the prune run's id."""
-    runtime = resolve_runtime(settings.device, settings.channels_last, settings.precision)
+    runtime = resolve_runtime(
+        settings.device, settings.channels_last, settings.precision, for_analysis=True
+    )
     classes = get_schema(source.data.dataset).classes
     name = f"prune-{method}-{sparsity:g}-seed{source.seed}"
     with tracking.start_run("prune", run_name=name) as run_id:

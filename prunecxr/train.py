@@ -260,7 +260,11 @@ def _train(config: TrainConfig, checkpoint: dict | None, run_id: str | None) -> 
             tracking.log_resolved(runtime.describe())
         with tempfile.TemporaryDirectory() as tmp:
             fit(state, config, splits, runtime, lambda s: _log_epoch(s, config, Path(tmp)))
-        _log_final(state, config, splits["test"], runtime)
+        # Test predictions are analysis-grade: fp32 unless bf16 was asked for explicitly.
+        test_runtime = resolve_runtime(
+            config.device, config.channels_last, config.precision, for_analysis=True
+        )
+        _log_final(state, config, splits["test"], test_runtime)
     return active_id
 
 

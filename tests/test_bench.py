@@ -47,3 +47,17 @@ def test_sweep_benchmark_agrees_and_reports_both_throughputs(tmp_path):
     assert numbers["speedup"] == pytest.approx(
         numbers["prunecxr_images_per_s"] / numbers["original_images_per_s"]
     )
+
+
+@pytest.mark.slow
+def test_precision_benchmark_reports_each_way(tmp_path):
+    """bench/precision.py end to end at a tiny size (its numbers: docs/PRECISION.md)."""
+    script = BENCH.parent / "precision.py"
+    command = [sys.executable, str(script), "--seeds", "1", "--epochs", "1", "--n-test", "120"]
+    command += ["--json", str(tmp_path / "precision.json")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ways = json.loads((tmp_path / "precision.json").read_text())["ways"]
+    assert ways["fp32"]["max_abs_ap_difference"] == 0.0
+    assert ways["fp32"]["pies_in_common"] == ways["fp32"]["pies"] == int(0.05 * 120)
+    assert ways["bf16"]["most_ties_in_a_class"] > ways["fp32"]["most_ties_in_a_class"]

@@ -36,3 +36,19 @@ def test_unknown_choices_list_the_valid_ones():
         resolve_runtime("cpu", precision="fp16")
     with pytest.raises(PrunecxrError, match="auto, cpu, cuda"):
         resolve_runtime("tpu")
+
+
+def test_analysis_grade_evaluation_is_strict_fp32_by_default():
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        assert resolve_runtime(device, for_analysis=True).precision == "fp32"
+        assert resolve_runtime(device, precision="bf16", for_analysis=True).precision == "bf16"
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    with resolve_runtime("cpu").autocast():
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
+@pytest.mark.gpu
+def test_cuda_trains_in_bf16_and_evaluates_for_the_analysis_in_fp32():
+    assert resolve_runtime("cuda").precision == "bf16"
+    assert resolve_runtime("cuda", for_analysis=True).precision == "fp32"
