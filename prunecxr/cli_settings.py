@@ -45,6 +45,17 @@ runtime_options = stack_options(
         show_default=True,
         help="Autocast precision; auto = bf16 on CUDA, fp32 on the CPU.",
     ),
+    click.option(
+        "--compile/--no-compile",
+        default=None,
+        help="torch.compile the model [default: on for CUDA, off for the CPU].",
+    ),
+    click.option(
+        "--resident-data/--no-resident-data",
+        default=None,
+        help="Hold a split's images on the device as one uint8 tensor (streamed in batches "
+        "when it does not fit) [default: on for CUDA, off for the CPU].",
+    ),
 )
 dataset_option = click.option(
     "--dataset", type=click.Choice(DATASETS), default="nih-cxr-lt", show_default=True
@@ -207,6 +218,8 @@ def cell_settings(settings: dict, log_model: bool):
         device=settings["device"],
         channels_last=settings["channels_last"],
         precision=settings["precision"],
+        compile=settings["compile"],
+        resident_data=settings["resident_data"],
         batch_size=settings["batch_size"],
         log_model=log_model,
         num_workers=settings["num_workers"],

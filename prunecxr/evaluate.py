@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pandas as pd
 import torch
@@ -12,15 +14,15 @@ from tqdm import tqdm
 
 from prunecxr.data.schemas import class_slug
 from prunecxr.data.transforms import normalize
+from prunecxr.device_data import DeviceImages
 from prunecxr.runtime import Runtime
 
 F1_THRESHOLD = 0.5
 
 
-@torch.inference_mode()
 def predict_logits(
     model: nn.Module,
-    images: np.ndarray,
+    images: np.ndarray | DeviceImages,
     *,
     runtime: Runtime,
     batch_size: int = 256,
@@ -28,15 +30,67 @@ def predict_logits(
 ) -> np.ndarray:
     """images: (N, S, S) uint8 -> (N, C) float32 logits, computed in `runtime`'s layout and
     precision (the model must already be on its device). The model is put in eval mode."""
+    logits, _ = device_logits(
+        model, images, runtime=runtime, batch_size=batch_size, progress=progress
+    )
+    return logits.numpy()
+
+
+@torch.inference_mode()
+def device_logits(
+    model: nn.Module,
+    images: np.ndarray | DeviceImages,
+    *,
+    runtime: Runtime,
+    batch_size: int = 256,
+    progress: str | None = None,
+    forward: nn.Module | None = None,
+) -> tuple[torch.Tensor, list[float]]:
+    """-> (logits (N, C) float32 on the CPU, seconds of each full batch's forward pass). Logits
+    stay on the device until the pass ends (one copy back, no sync per batch); the forward
+    passes are timed with CUDA events on a GPU. `forward`: the module to call (e.g. compiled)."""
+    if not isinstance(images, DeviceImages):
+        images = DeviceImages(images, runtime)
     model.eval()
-    outputs = []
+    forward = forward or model
+    outputs, timers = [], []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False):
-        batch = torch.from_numpy(np.array(images[start : start + batch_size]))
-        batch = runtime.place_batch(normalize(batch.unsqueeze(1).to(runtime.device)))
+        chunk = images.slice(start, start + batch_size)
+        batch = runtime.place_batch(normalize(chunk.unsqueeze(1)))
+        timer = Stopwatch(runtime) if len(chunk) == batch_size else None
         with runtime.autocast():
-            outputs.append(model(batch).float().cpu())
-    return torch.cat(outputs).numpy()
+            outputs.append(forward(batch).float())
+        if timer:
+            timers.append(timer.stop())
+    logits = torch.cat(outputs).cpu()
+    return logits, [timer.seconds() for timer in timers]
+
+
+class Stopwatch:
+    """Times device work without waiting for it: CUDA events on a GPU, perf_counter on a CPU
+    (where the work is done when the call returns)."""
+
+    def __init__(self, runtime: Runtime):
+        self.cuda = runtime.on_cuda
+        if self.cuda:
+            self.begin, self.end = torch.cuda.Event(True), torch.cuda.Event(True)
+            self.begin.record()
+        else:
+            self.begin = time.perf_counter()
+
+    def stop(self) -> Stopwatch:
+        if self.cuda:
+            self.end.record()
+        else:
+            self.end = time.perf_counter()
+        return self
+
+    def seconds(self) -> float:
+        if self.cuda:
+            self.end.synchronize()
+            return self.begin.elapsed_time(self.end) / 1000
+        return self.end - self.begin
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:

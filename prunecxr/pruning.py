@@ -21,6 +21,10 @@ from prunecxr.runtime import standard_layout
 
 STRUCTURED_TOLERANCE = 0.01  # |achieved - target| sparsity allowed for structured pruning
 STRUCTURED_MAX_STEPS = 24  # bisection steps on the channel ratio
+# The channel ratio that reaches a sparsity depends on the layer shapes only (each layer loses
+# the same share of channels), not on the weights: searched once per architecture, reused for
+# every seed.
+_channel_ratios: dict[tuple, float] = {}
 
 
 def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -80,15 +84,26 @@ def prune_structured(
     The classifier's outputs are never removed. Returns a new, smaller model."""
     if sparsity == 0:
         return model
+    key = (_layer_shapes(model), sparsity)
+    if key not in _channel_ratios:
+        _channel_ratios[key] = _search_channel_ratio(model, sparsity, example_inputs)
+    return _prune_channels(copy.deepcopy(model), _channel_ratios[key], example_inputs)
+
+
+def _layer_shapes(model: nn.Module) -> tuple:
+    return tuple(tuple(getattr(m, name).shape) for m, name in prunable_weights(model))
+
+
+def _search_channel_ratio(model: nn.Module, sparsity: float, example_inputs) -> float:
     total, _ = count_prunable(model)
     low, high = 0.0, 1.0
-    best: tuple[float, nn.Module] | None = None
+    best: tuple[float, float] | None = None  # (achieved sparsity, ratio)
     for _step in range(STRUCTURED_MAX_STEPS):
         ratio = (low + high) / 2
         candidate = _prune_channels(copy.deepcopy(model), ratio, example_inputs)
         achieved = 1 - count_prunable(candidate)[0] / total
         if best is None or abs(achieved - sparsity) < abs(best[0] - sparsity):
-            best = (achieved, candidate)
+            best = (achieved, ratio)
         if abs(achieved - sparsity) <= STRUCTURED_TOLERANCE / 2:
             break
         low, high = (ratio, high) if achieved < sparsity else (low, ratio)

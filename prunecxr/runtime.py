@@ -1,7 +1,7 @@
 """Where and how a model runs: the device, the memory layout and the autocast precision.
 
-On CUDA the training defaults are channels_last and bf16 autocast (the fast path on
-Ampere/Hopper); on the CPU, neither. Evaluation whose predictions feed the analysis (test
+On CUDA the training defaults are channels_last, bf16 autocast and torch.compile (the fast path
+on Ampere/Hopper); on the CPU, none of them. Evaluation whose predictions feed the analysis (test
 metrics, sweep cells) defaults to fp32: bf16 logits tie and reorder images within a class's
 ranking enough to move APs by 0.05 and change PIEs (docs/PRECISION.md). fp32 is strict fp32:
 TF32 tensor-core math is switched off while it runs. Every switch can be chosen on either
@@ -31,6 +31,12 @@ class Runtime:
     device: torch.device
     channels_last: bool
     precision: str  # "bf16" (autocast) or "fp32"
+    compile: bool = False  # torch.compile the forward pass
+    resident_data: bool = False  # a split's uint8 images held on the device as one tensor
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.type == "cuda"
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -44,17 +50,27 @@ class Runtime:
         """(B, 3, S, S) float batch -> the runtime's layout (a no-op when it already is)."""
         return batch.contiguous(memory_format=self.memory_format)
 
+    def compiled(self, model: nn.Module) -> nn.Module:
+        """The module to call: `model` compiled (sharing its parameters) or `model` itself."""
+        return torch.compile(model) if self.compile else model
+
+    def synchronize(self) -> None:
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return _strict_fp32()
 
     def describe(self) -> dict[str, str]:
-        """What ran, for the run's params: device, channels_last, precision."""
+        """What ran, for the run's params: device, channels_last, precision, compile."""
         return {
             "device": self.device.type,
             "channels_last": str(self.channels_last).lower(),
             "precision": self.precision,
+            "compile": str(self.compile).lower(),
+            "resident_data": str(self.resident_data).lower(),
         }
 
 
@@ -72,19 +88,29 @@ def resolve_runtime(
     device: str = "auto",
     channels_last: bool | None = None,
     precision: str = "auto",
+    compile: bool | None = None,
+    resident_data: bool | None = None,
     *,
     for_analysis: bool = False,
 ) -> Runtime:
-    """Resolve "auto" (and channels_last None) per device: on CUDA channels_last + bf16, on the
-    CPU the standard layout + fp32. `for_analysis`: predictions the analysis uses, where
-    "auto" precision is fp32 on every device."""
+    """Resolve "auto" (and None) per device: on CUDA channels_last + bf16 + compile + the data
+    on the device; on the CPU none of them. `for_analysis`: predictions the analysis
+    uses, where "auto" precision is fp32 on every device."""
     if precision not in PRECISIONS:
         raise PrunecxrError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     resolved = resolve_device(device)
     on_cuda = resolved.type == "cuda"
     if precision == "auto":
         precision = "bf16" if on_cuda and not for_analysis else "fp32"
-    return Runtime(resolved, on_cuda if channels_last is None else channels_last, precision)
+    if on_cuda:  # fixed input shapes: let cuDNN pick the fastest kernels once
+        torch.backends.cudnn.benchmark = True
+    return Runtime(
+        resolved,
+        on_cuda if channels_last is None else channels_last,
+        precision,
+        on_cuda if compile is None else compile,
+        on_cuda if resident_data is None else resident_data,
+    )
 
 
 @contextlib.contextmanager

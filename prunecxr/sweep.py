@@ -8,7 +8,7 @@ import copy
 import functools
 import hashlib
 import logging
-import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,23 +19,27 @@ from tqdm import tqdm
 
 from prunecxr import PrunecxrError, ownership, tracking
 from prunecxr.data import SplitData, get_schema, load_split
+from prunecxr.data.transforms import normalize
+from prunecxr.device_data import DeviceImages
 from prunecxr.evaluate import (
+    Stopwatch,
+    device_logits,
     example_input,
     per_class_metrics,
-    predict_logits,
     predictions_frame,
     sigmoid,
     summarize,
 )
 from prunecxr.pruning import count_macs, count_prunable, nonzero_parameters, prune_model
-from prunecxr.runtime import Runtime, resolve_runtime
+from prunecxr.runtime import Runtime, resolve_runtime, standard_layout
 from prunecxr.sources import DataSettings, ModelSource, check_distinct_seeds
 from prunecxr.train import Finetune, TrainConfig
 
 log = logging.getLogger(__name__)
 CELL_TAG = "prunecxr.cell"
 SWEEP_KEY_TAG = "prunecxr.sweep_key"
-LATENCY_BATCH = 32
+TIMED_REPEATS = 20  # timed forward passes behind each latency (their median)
+WARMUP_PASSES = 3
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class CellSettings:
     device: str = "auto"
     channels_last: bool | None = None  # None: on for CUDA
     precision: str = "auto"  # fp32 (analysis-grade) on every device; bf16 only when asked
+    compile: bool | None = None  # None: on for CUDA
+    resident_data: bool | None = None  # None: the test images on the device on CUDA
     batch_size: int = 256
     log_model: bool = False  # sweeps keep only metrics and predictions per cell
     num_workers: int = 0  # processes decoding images if the test-set cache must be built
@@ -54,6 +60,8 @@ class CellSettings:
             device=train.device,
             channels_last=train.channels_last,
             precision=train.precision,
+            compile=train.compile,
+            resident_data=train.resident_data,
             batch_size=train.batch_size,
             num_workers=train.num_workers,
         )
@@ -90,6 +98,111 @@ def cell_key(source: ModelSource, method: str, sparsity: float) -> str:
     return f"{source.key}|{method}|{sparsity:g}"
 
 
+@dataclass
+class CellResult:
+    probs: np.ndarray  # (N, C) test probabilities
+    measures: dict[str, float]  # sparsity reached, parameters, MACs, speed
+    model: nn.Module | None = None  # on the CPU, only when the cell logs its model
+
+
+class SourceCells:
+    """The cells of one source model on one device. The dense weights are copied to the device
+    once; unstructured cells load them in place into one working model and prune it (so a
+    compiled forward pass serves them all without recompiling); the dense model (sparsity 0,
+    the same for every method) is evaluated once. Structured cells change shapes: each prunes
+    its own copy, with the channel ratio found once per architecture and sparsity."""
+
+    def __init__(
+        self, source: ModelSource, test: DeviceImages, runtime: Runtime, settings, finetune
+    ):
+        self.source, self.test, self.runtime = source, test, runtime
+        self.settings, self.finetune = settings, finetune
+        size = source.data.image_size
+        self.example = torch.zeros(1, 3, size, size, device=runtime.device)
+        self.working = runtime.place_model(copy.deepcopy(source.model)).eval()
+        self.dense = {
+            k: v.detach().clone() for k, v in standard_layout(self.working).state_dict().items()
+        }
+        self.total, _ = count_prunable(self.working)
+        self.forward = runtime.compiled(self.working)
+        self.dense_result: CellResult | None = None
+
+    def compute(self, method: str, sparsity: float) -> CellResult:
+        if sparsity == 0 and not self.finetune.epochs:
+            if self.dense_result is None:
+                self.dense_result = self._evaluate(self._load_dense(), self.forward)
+            return self.dense_result
+        if method == "structured":
+            model = copy.deepcopy(self.source.model).to(self.runtime.device).eval()
+            model = prune_model(model, method, sparsity, example_inputs=self.example)
+            model, forward = self.runtime.place_model(model), None
+        else:
+            model, forward = self._load_dense(), self.forward
+            prune_model(model, method, sparsity, example_inputs=self.example, seed=self.source.seed)
+            self.runtime.place_model(model)
+        if self.finetune.epochs:
+            _finetune(model, self.source, self.finetune, self.runtime)
+        return self._evaluate(model, forward)
+
+    def _load_dense(self) -> nn.Module:
+        standard_layout(self.working).load_state_dict(self.dense)  # copies in place
+        return self.runtime.place_model(self.working)
+
+    def _evaluate(self, model: nn.Module, forward: nn.Module | None) -> CellResult:
+        logits, batch_seconds = device_logits(
+            model,
+            self.test,
+            runtime=self.runtime,
+            batch_size=self.settings.batch_size,
+            forward=forward,
+        )
+        _, nonzero = count_prunable(model)
+        measures = {
+            "achieved_sparsity": 1 - nonzero / self.total,
+            "nonzero_params": nonzero_parameters(model),
+            "macs": count_macs(model, self.example),
+            **measure_speed(
+                forward or model, self.test, self.runtime, self.settings.batch_size, batch_seconds
+            ),
+        }
+        kept = copy.deepcopy(model).cpu() if self.settings.log_model else None
+        return CellResult(sigmoid(logits.numpy()), measures, kept)
+
+
+def measure_speed(
+    forward: nn.Module,
+    test: DeviceImages,
+    runtime: Runtime,
+    batch_size: int,
+    batch_seconds: list[float],
+) -> dict[str, float]:
+    """Model-only speed (inputs already on the device and normalized; no host copies): the
+    median of TIMED_REPEATS timed passes after a warm-up, at batch 1 and at the sweep's batch
+    size (the evaluation's own full batches count as repetitions). CUDA events on a GPU."""
+    size = min(batch_size, len(test))
+    single = _time_passes(forward, test, 1, runtime, [])
+    at_batch = _time_passes(forward, test, size, runtime, batch_seconds)
+    return {
+        "latency_ms_batch1": 1000 * single,
+        "latency_ms_per_image": 1000 * at_batch / size,
+        "throughput_images_per_s": size / at_batch,
+    }
+
+
+def _time_passes(forward, test: DeviceImages, size: int, runtime, timed: list[float]) -> float:
+    batch = runtime.place_batch(normalize(test.slice(0, size).unsqueeze(1)))
+    timed = list(timed)
+    with torch.inference_mode(), runtime.autocast():
+        if not timed:  # warm-up (the evaluation pass warmed up the sweep's batch size)
+            for _ in range(WARMUP_PASSES):
+                forward(batch)
+        while len(timed) < TIMED_REPEATS:
+            watch = Stopwatch(runtime)
+            forward(batch)
+            timed.append(watch.stop().seconds())
+    return float(np.median(timed))
+
+
 def run_cell(
     source: ModelSource,
     method: str,
@@ -100,36 +213,50 @@ def run_cell(
 ) -> str:
     """Prune a copy of the source model, evaluate it on `test`, log one prune run (nested under
     the active run if any). Returns the prune run's id."""
-    runtime = resolve_runtime(
-        settings.device, settings.channels_last, settings.precision, for_analysis=True
+    runtime = cell_runtime(settings)
+    cells = SourceCells(source, DeviceImages.of(test, runtime), runtime, settings, finetune)
+    result = cells.compute(method, sparsity)
+    return log_cell(source, method, sparsity, test, settings, finetune, runtime, result)
+
+
+def cell_runtime(settings: CellSettings) -> Runtime:
+    return resolve_runtime(
+        settings.device,
+        settings.channels_last,
+        settings.precision,
+        settings.compile,
+        settings.resident_data,
+        for_analysis=True,
     )
+
+
+def log_cell(
+    source,
+    method,
+    sparsity,
+    test: SplitData,
+    settings,
+    finetune,
+    runtime,
+    result: CellResult,
+    parent_run_id: str | None = None,
+) -> str:
+    """One prune run with the cell's params, metrics, per-class table and predictions."""
     classes = get_schema(source.data.dataset).classes
     name = f"prune-{method}-{sparsity:g}-seed{source.seed}"
-    with tracking.start_run("prune", run_name=name) as run_id:
+    with tracking.start_run("prune", run_name=name, parent_run_id=parent_run_id) as run_id:
         tracking.set_tags({CELL_TAG: cell_key(source, method, sparsity)})
         tracking.log_params(_cell_params(source, method, sparsity, finetune, settings))
         tracking.log_resolved(runtime.describe())
-        size = source.data.image_size
-        example = torch.zeros(1, 3, size, size, device=runtime.device)
-        model = copy.deepcopy(source.model).to(runtime.device).eval()
-        total, _ = count_prunable(model)
-        model = prune_model(model, method, sparsity, example_inputs=example, seed=source.seed)
-        model = runtime.place_model(model)
-        if finetune.epochs:
-            _finetune(model, source, finetune, runtime)
-        probs = sigmoid(
-            predict_logits(model, test.images, runtime=runtime, batch_size=settings.batch_size)
-        )
-        metrics = per_class_metrics(probs, test.labels, classes)
-        tracking.log_metrics(
-            {**summarize(metrics, "test"), **_measure(model, total, test, runtime)}
-        )
+        metrics = per_class_metrics(result.probs, test.labels, classes)
+        tracking.log_metrics({**summarize(metrics, "test"), **result.measures})
         tracking.log_table(metrics, "per_class_metrics.csv")
         tracking.log_table(
-            predictions_frame(test.image_ids, probs, test.labels, classes), "predictions.parquet"
+            predictions_frame(test.image_ids, result.probs, test.labels, classes),
+            "predictions.parquet",
         )
-        if settings.log_model:
-            tracking.log_model(model, example_input(test.images))
+        if result.model is not None:
+            tracking.log_model(result.model, example_input(test.images))
     return run_id
 
 
@@ -144,33 +271,9 @@ def _cell_params(
         "device": settings.device,
         "channels_last": settings.channels_last,
         "precision": settings.precision,
+        "compile": settings.compile,
+        "resident_data": settings.resident_data,
     }
-
-
-def _measure(model: nn.Module, total_prunable: int, test: SplitData, runtime) -> dict[str, float]:
-    """Measured, not assumed: zeroed or removed prunable weights, MACs and latency."""
-    _, nonzero = count_prunable(model)
-    size = test.images.shape[-1]
-    return {
-        "achieved_sparsity": 1 - nonzero / total_prunable,
-        "nonzero_params": nonzero_parameters(model),
-        "macs": count_macs(model, torch.zeros(1, 3, size, size, device=runtime.device)),
-        "latency_ms_per_image": latency_ms_per_image(model, test.images, runtime),
-    }
-
-
-def latency_ms_per_image(model: nn.Module, images: np.ndarray, runtime: Runtime) -> float:
-    """Mean inference time per image over 3 passes of a LATENCY_BATCH batch, after a warm-up."""
-    batch = images[:LATENCY_BATCH]
-    predict_logits(model, batch, runtime=runtime)
-    if runtime.device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(3):
-        predict_logits(model, batch, runtime=runtime)
-    if runtime.device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - started) * 1000 / (3 * len(batch))
 
 
 def _finetune(model: nn.Module, source: ModelSource, finetune: Finetune, runtime) -> None:
@@ -227,7 +330,7 @@ def run_sweep(
             todo = [cell for cell in cells if cell_key(*cell) not in done]
             if resume_id:
                 log.info("%d of %d cells were done", len(cells) - len(todo), len(cells))
-            _run_cells(todo, settings, finetune)
+            _run_cells(todo, settings, finetune, sweep_id)
     return sweep_id
 
 
@@ -241,12 +344,34 @@ def _sweep_params(sources, methods, sparsities, finetune: Finetune) -> dict:
     }
 
 
-def _run_cells(cells: list, settings: CellSettings, finetune: Finetune) -> None:
-    tests: dict[DataSettings, SplitData] = {}
-    for source, method, sparsity in tqdm(cells, desc="sweep", unit="cell"):
-        if source.data not in tests:
-            tests[source.data] = load_test_split(source.data, settings.num_workers)
-        run_cell(source, method, sparsity, tests[source.data], settings, finetune)
+def _run_cells(cells: list, settings: CellSettings, finetune: Finetune, sweep_id: str) -> None:
+    """Cells in order, one source model at a time; each cell's run is logged by a background
+    thread while the next cell computes (MLflow calls and file writes off the device's path)."""
+    runtime = cell_runtime(settings)
+    tests: dict[DataSettings, tuple[SplitData, DeviceImages]] = {}
+    prepared: SourceCells | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-cell") as logger:
+        pending = []
+        for source, method, sparsity in tqdm(cells, desc="sweep", unit="cell"):
+            if source.data not in tests:
+                split = load_test_split(source.data, settings.num_workers)
+                tests[source.data] = split, DeviceImages.of(split, runtime)
+            split, on_device = tests[source.data]
+            if prepared is None or prepared.source is not source:
+                prepared = SourceCells(source, on_device, runtime, settings, finetune)
+            result = prepared.compute(method, sparsity)
+            args = (source, method, sparsity, split, settings, finetune, runtime, result, sweep_id)
+            pending.append(logger.submit(log_cell, *args))
+            _raise_failed(pending)
+        for job in pending:
+            job.result()
+
+
+def _raise_failed(jobs: list) -> None:
+    """A cell whose logging failed stops the sweep now, not after every other cell."""
+    for job in [j for j in jobs if j.done()]:
+        job.result()
+        jobs.remove(job)
 
 
 def parse_sparsities(text: str) -> list[float]:

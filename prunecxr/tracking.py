@@ -103,18 +103,25 @@ def _current_experiment_id() -> str:
 
 @contextlib.contextmanager
 def start_run(
-    stage: str, *, run_name: str | None = None, run_id: str | None = None
+    stage: str,
+    *,
+    run_name: str | None = None,
+    run_id: str | None = None,
+    parent_run_id: str | None = None,
 ) -> Iterator[str]:
-    """A run tagged with its stage; nested under the active run if there is one. `run_id`
-    continues an existing run (resume). Yields the run id."""
+    """A run tagged with its stage; nested under `parent_run_id`, else under the active run if
+    there is one (active runs are per thread). `run_id` continues an existing run (resume).
+    Yields the run id."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
-    nested = mlflow.active_run() is not None
+    nested = parent_run_id is not None or mlflow.active_run() is not None
     created_by_mlflow_run = os.environ.get("MLFLOW_RUN_ID")
     if run_id and not nested and created_by_mlflow_run and created_by_mlflow_run != run_id:
         # `mlflow run` made a run for this command, but the work continues in an older one.
         set_run_tags(created_by_mlflow_run, {CONTINUED_TAG: run_id})
-    with mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested) as run:
+    with mlflow.start_run(
+        run_id=run_id, run_name=run_name, nested=nested, parent_run_id=parent_run_id
+    ) as run:
         mlflow.set_tag(STAGE_TAG, stage)
         yield run.info.run_id
 

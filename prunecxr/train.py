@@ -20,11 +20,12 @@ from prunecxr import PrunecxrError, ownership, tracking
 from prunecxr.data import SplitData, get_schema, load_split
 from prunecxr.data.cache import DEFAULT_CACHE_DIR
 from prunecxr.data.synthetic import read_marker
-from prunecxr.data.transforms import augment, normalize
+from prunecxr.data.transforms import augment, draw_augmentation, normalize
+from prunecxr.device_data import DeviceImages
 from prunecxr.evaluate import (
+    device_logits,
     example_input,
     per_class_metrics,
-    predict_logits,
     predictions_frame,
     sigmoid,
     summarize,
@@ -35,6 +36,8 @@ from prunecxr.runtime import Runtime, portable_state_dict, resolve_runtime
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/last.pt"
 RESUMED_TAG = "prunecxr.resumed"  # what each resumed session changed
+LOCAL_CHECKPOINT_TAG = "prunecxr.local_checkpoint"  # where this machine keeps the newest one
+LOSS_SHOWN_EVERY = 25  # training steps between progress-bar loss updates
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda if available
     channels_last: bool | None = None  # None: on for CUDA, off for the CPU
     precision: str = "auto"  # autocast: auto = bf16 on CUDA, fp32 on the CPU
+    compile: bool | None = None  # None: torch.compile on CUDA only
+    resident_data: bool | None = None  # None: the training images on the device on CUDA only
     num_workers: int = 0  # processes decoding images while the cache is built
     cache_dir: str = str(DEFAULT_CACHE_DIR)
     preprocess: str = "default"  # how pixels are made; "original": OpenCV as the original code
@@ -99,7 +104,7 @@ def create_state(
     torch.manual_seed(config.seed)
     model = create_model(config.arch, num_classes, pretrained or config.pretrained)
     model = runtime.place_model(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
     return TrainState(model, optimizer, torch.Generator().manual_seed(config.seed))
 
 
@@ -114,48 +119,59 @@ def restore_state(checkpoint: dict, config: TrainConfig, num_classes: int, runti
     return state
 
 
-def train_one_epoch(state: TrainState, split: SplitData, batch_size: int, runtime) -> float:
-    """One pass over `split` in a random order; returns the mean training loss."""
+def train_one_epoch(
+    state: TrainState, data: DeviceImages, batch_size: int, runtime, forward=None
+) -> float:
+    """One pass over `data` in a random order; returns the mean training loss. The epoch's
+    order and augmentation are drawn on the CPU (repeatable on any device) and copied to the
+    device once; losses add up on the device, so a step never waits for the host. `forward`:
+    the module to call (the model, or the model compiled)."""
     state.model.train()
-    order = torch.randperm(len(split), generator=state.generator).numpy()
-    total, seen = 0.0, 0
-    bar = tqdm(range(0, len(order), batch_size), desc=f"epoch {state.epoch + 1}", leave=False)
-    for start in bar:
-        index = np.sort(order[start : start + batch_size])  # sorted reads are faster on a memmap
+    forward = forward or state.model
+    order = torch.randperm(len(data), generator=state.generator).numpy()
+    batches = [np.sort(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+    positions = torch.from_numpy(np.concatenate(batches)).to(runtime.device)
+    augmentation = draw_augmentation(len(data), state.generator).to(runtime.device)
+    total, seen = torch.zeros((), device=runtime.device), 0
+    bar = tqdm(batches, desc=f"epoch {state.epoch + 1}", leave=False)
+    for step, index in enumerate(bar):
+        span = slice(step * batch_size, step * batch_size + len(index))
         if len(index) < 2:  # BatchNorm cannot train on a single image
             continue
-        images = torch.from_numpy(split.images[index]).unsqueeze(1).to(runtime.device)
-        targets = torch.from_numpy(split.labels[index]).to(runtime.device)
-        batch = runtime.place_batch(normalize(augment(images, state.generator)))
+        images, targets = data.batch(positions[span], index)
+        batch = runtime.place_batch(normalize(augment(images.unsqueeze(1), augmentation[span])))
         with runtime.autocast():
-            loss = F.binary_cross_entropy_with_logits(state.model(batch).float(), targets)
+            loss = F.binary_cross_entropy_with_logits(forward(batch).float(), targets)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
-        total, seen = total + loss.item() * len(index), seen + len(index)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    return total / max(seen, 1)
+        total += loss.detach() * len(index)
+        seen += len(index)
+        if step % LOSS_SHOWN_EVERY == 0:  # reading the loss waits for the device
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return total.item() / max(seen, 1)
 
 
-def evaluate_split(model: nn.Module, split: SplitData, classes, runtime, batch_size: int):
+def evaluate_split(model, data: DeviceImages, classes, runtime, batch_size: int, forward=None):
     """-> (mean BCE loss, per-class metrics frame, probs (N, C))."""
-    logits = predict_logits(model, split.images, runtime=runtime, batch_size=batch_size)
-    loss = F.binary_cross_entropy_with_logits(
-        torch.from_numpy(logits), torch.from_numpy(split.labels)
-    ).item()
-    probs = sigmoid(logits)
-    return loss, per_class_metrics(probs, split.labels, classes), probs
+    logits, _ = device_logits(model, data, runtime=runtime, batch_size=batch_size, forward=forward)
+    labels = np.asarray(data.labels.cpu())
+    loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(labels)).item()
+    probs = sigmoid(logits.numpy())
+    return loss, per_class_metrics(probs, labels, classes), probs
 
 
 def fit(state: TrainState, config: TrainConfig, splits: dict, runtime, on_epoch_end) -> None:
     """Epochs until max_epochs or `patience` epochs without a lower val_loss; the best weights
     are kept in `state.best_weights`. on_epoch_end(state) runs after every epoch (checkpoint)."""
     classes = get_schema(config.dataset).classes
+    train, val = DeviceImages.of(splits["train"], runtime), DeviceImages.of(splits["val"], runtime)
+    forward = runtime.compiled(state.model)
     while state.epoch < config.max_epochs and state.epochs_since_best < config.patience:
         started = time.perf_counter()
-        train_loss = train_one_epoch(state, splits["train"], config.batch_size, runtime)
+        train_loss = train_one_epoch(state, train, config.batch_size, runtime, forward)
         val_loss, val_metrics, _ = evaluate_split(
-            state.model, splits["val"], classes, runtime, config.batch_size
+            state.model, val, classes, runtime, config.batch_size, forward
         )
         state.epoch += 1
         if val_loss < state.best_val_loss:
@@ -199,7 +215,15 @@ def run_training(config: TrainConfig) -> str:
 
 
 # Where and how fast a training runs: may change when it is resumed (or its study continued).
-RUNTIME_FIELDS = ("device", "channels_last", "precision", "num_workers", "cache_dir")
+RUNTIME_FIELDS = (
+    "device",
+    "channels_last",
+    "precision",
+    "compile",
+    "resident_data",
+    "num_workers",
+    "cache_dir",
+)
 # What a resumed run may change besides: how long it trains; the data may have moved.
 RESUME_OVERRIDABLE = (*RUNTIME_FIELDS, "max_epochs", "patience", "data_dir", "label_dir")
 
@@ -233,6 +257,17 @@ def resume_training(run_id: str, **overrides) -> str:
     return _train(config, checkpoint=checkpoint, run_id=run_id)
 
 
+def training_runtime(config: TrainConfig, for_analysis: bool = False) -> Runtime:
+    return resolve_runtime(
+        config.device,
+        config.channels_last,
+        config.precision,
+        config.compile,
+        config.resident_data,
+        for_analysis=for_analysis,
+    )
+
+
 def _training_done(checkpoint: dict, config: TrainConfig) -> bool:
     return (
         checkpoint["epochs_since_best"] >= config.patience
@@ -242,7 +277,7 @@ def _training_done(checkpoint: dict, config: TrainConfig) -> bool:
 
 def _train(config: TrainConfig, checkpoint: dict | None, run_id: str | None) -> str:
     classes = get_schema(config.dataset).classes
-    runtime = resolve_runtime(config.device, config.channels_last, config.precision)
+    runtime = training_runtime(config)
     if checkpoint:
         state = restore_state(checkpoint, config, len(classes), runtime)
     else:
@@ -258,12 +293,11 @@ def _train(config: TrainConfig, checkpoint: dict | None, run_id: str | None) -> 
         else:
             tracking.log_params(dataclasses.asdict(config))
             tracking.log_resolved(runtime.describe())
-        with tempfile.TemporaryDirectory() as tmp:
-            fit(state, config, splits, runtime, lambda s: _log_epoch(s, config, Path(tmp)))
+        checkpoints = Checkpoints(active_id, config)
+        fit(state, config, splits, runtime, checkpoints.after_epoch)
+        checkpoints.upload_last()
         # Test predictions are analysis-grade: fp32 unless bf16 was asked for explicitly.
-        test_runtime = resolve_runtime(
-            config.device, config.channels_last, config.precision, for_analysis=True
-        )
+        test_runtime = training_runtime(config, for_analysis=True)
         _log_final(state, config, splits["test"], test_runtime)
     return active_id
 
@@ -279,28 +313,66 @@ def _resume_note(checkpoint: dict, config: TrainConfig, runtime: Runtime) -> str
 
 
 def fetch_checkpoint(run_id: str) -> dict:
+    """The run's latest checkpoint: the one kept on this machine if it is newer than the one
+    uploaded to the run (uploads are rate-limited, see Checkpoints)."""
     if tracking.run_stage(tracking.get_run(run_id)) != "train":
         raise PrunecxrError(f"run {run_id} is not a train run; --resume takes a train run id")
     with tempfile.TemporaryDirectory() as tmp:
         path = tracking.download_artifact(run_id, CHECKPOINT_ARTIFACT, Path(tmp))
-        return torch.load(path, map_location="cpu", weights_only=False)
+        uploaded = torch.load(path, map_location="cpu", weights_only=True)
+    local = Path(tracking.get_run(run_id).data.tags.get(LOCAL_CHECKPOINT_TAG, "/nonexistent"))
+    if local.is_file():
+        kept = torch.load(local, map_location="cpu", weights_only=True)
+        if kept["epoch"] > uploaded["epoch"]:
+            return kept
+    return uploaded
 
 
-def _log_epoch(state: TrainState, config: TrainConfig, tmp: Path) -> None:
-    row = state.history[-1]
-    tracking.log_metrics(
-        {k: v for k, v in row.items() if k not in ("epoch", "seconds")}, step=row["epoch"]
-    )
-    path = tmp / "last.pt"
-    torch.save(state.checkpoint(config), path)
-    tracking.log_file(path, CHECKPOINT_DIR)
+class Checkpoints:
+    """After every epoch: metrics logged, the checkpoint written on this machine (to a temporary
+    name, then renamed: a kill never leaves half a file). It is uploaded to the run only when
+    it holds new best weights or the last upload is UPLOAD_EVERY_SECONDS old, and at the end:
+    a ResNet50 checkpoint is ~380 MB, too much to send every epoch."""
+
+    UPLOAD_EVERY_SECONDS = 900
+
+    def __init__(self, run_id: str, config: TrainConfig):
+        self.path = Path(config.cache_dir) / "checkpoints" / run_id / "last.pt"
+        self.config, self.uploaded_at, self.pending = config, time.monotonic(), False
+        tracking.set_run_tags(run_id, {LOCAL_CHECKPOINT_TAG: str(self.path.resolve())})
+
+    def after_epoch(self, state: TrainState) -> None:
+        row = state.history[-1]
+        tracking.log_metrics(
+            {k: v for k, v in row.items() if k not in ("epoch", "seconds")}, step=row["epoch"]
+        )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        torch.save(state.checkpoint(self.config), partial)
+        partial.replace(self.path)
+        self.pending = True
+        stale = time.monotonic() - self.uploaded_at >= self.UPLOAD_EVERY_SECONDS
+        if state.epochs_since_best == 0 or stale:
+            self._upload()
+
+    def upload_last(self) -> None:
+        """The final checkpoint to the run; the local copy is then no longer needed."""
+        if self.pending:
+            self._upload()
+        self.path.unlink(missing_ok=True)
+
+    def _upload(self) -> None:
+        tracking.log_file(self.path, CHECKPOINT_DIR)
+        self.uploaded_at, self.pending = time.monotonic(), False
 
 
 def _log_final(state: TrainState, config: TrainConfig, test: SplitData, runtime) -> None:
     """Best weights -> test metrics, predictions, history and the model."""
     classes = get_schema(config.dataset).classes
     state.model.load_state_dict(state.best_weights)
-    _, metrics, probs = evaluate_split(state.model, test, classes, runtime, config.batch_size)
+    _, metrics, probs = evaluate_split(
+        state.model, DeviceImages.of(test, runtime), classes, runtime, config.batch_size
+    )
     tracking.log_metrics({**summarize(metrics, "test"), "best_epoch": _best_epoch(state)})
     tracking.log_table(metrics, "per_class_metrics.csv")
     tracking.log_table(
@@ -329,9 +401,10 @@ def finetune_model(
     """A few epochs of training (Adam, BCE, same augmentation) of an already pruned model that
     is on `runtime`'s device."""
     torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=finetune.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=finetune.lr, fused=True)
     state = TrainState(model, optimizer, torch.Generator().manual_seed(seed))
+    data = DeviceImages.of(train, runtime)
     for _ in range(finetune.epochs):
-        train_one_epoch(state, train, finetune.batch_size, runtime)
+        train_one_epoch(state, data, finetune.batch_size, runtime)
         state.epoch += 1
     model.eval()

@@ -61,3 +61,28 @@ def test_precision_benchmark_reports_each_way(tmp_path):
     assert ways["fp32"]["max_abs_ap_difference"] == 0.0
     assert ways["fp32"]["pies_in_common"] == ways["fp32"]["pies"] == int(0.05 * 120)
     assert ways["bf16"]["most_ties_in_a_class"] > ways["fp32"]["most_ties_in_a_class"]
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_small_on_the_cpu_and_makes_the_docs_tables(tmp_path):
+    """bench/gpu.py at its small size on the CPU (on a GPU: full size, docs/PERFORMANCE.md)."""
+    script, out = BENCH.parent / "gpu.py", tmp_path / "small.json"
+    command = [sys.executable, str(script), "--small", "--device", "cpu", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    numbers = json.loads(out.read_text())
+    assert numbers["card"].startswith("CPU") and numbers["size"] == "small"
+    train = numbers["train"]
+    assert train["speedup"] == pytest.approx(
+        train["prunecxr_images_per_s"] / train["original_images_per_s"]
+    )
+    assert [row["sparsity"] for row in numbers["sweep"]["cells"]] == [0.5, 0.7, 0.9]
+    structured = numbers["structured"]
+    assert [row["sparsity"] for row in structured] == [0.0, 0.5, 0.7, 0.9]
+    assert all(a["macs"] > b["macs"] for a, b in zip(structured, structured[1:]))
+    assert 0 <= numbers["precision"]["max_abs_ap_difference"] < 1
+    tables = subprocess.run(
+        [sys.executable, str(script), "--tables", str(out)], capture_output=True, text=True
+    )
+    assert tables.returncode == 0, tables.stderr[-2000:]
+    assert "| training, images/s |" in tables.stdout and "| 0.9 |" in tables.stdout

@@ -15,7 +15,13 @@ from prunecxr import PrunecxrError
 from prunecxr.data import class_slug, get_schema, load_split
 from prunecxr.data.cache import decode_image, load_images
 from prunecxr.data.labels import read_labels
-from prunecxr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, augment, normalize
+from prunecxr.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    augment,
+    draw_augmentation,
+    normalize,
+)
 
 NIH = get_schema("nih-cxr-lt")
 MIMIC = get_schema("mimic-cxr-lt")
@@ -145,14 +151,14 @@ def test_normalize_gives_imagenet_statistics_per_channel():
 def test_augment_flips_and_rotates_each_image_independently():
     batch = torch.zeros(64, 1, 32, 32, dtype=torch.uint8)
     batch[..., :, :8] = 255  # bright left edge
-    out = augment(batch, torch.Generator().manual_seed(0))
+    out = augment(batch, draw_augmentation(64, torch.Generator().manual_seed(0)))
     assert out.shape == batch.shape and out.dtype == torch.float32
     left, right = out[..., 12:20, :8].mean(dim=(1, 2, 3)), out[..., 12:20, -8:].mean(dim=(1, 2, 3))
     flipped = right > left
     assert 16 < int(flipped.sum()) < 48  # about half are mirrored
     rows = (out[..., :, :16] > 128).float().mean(dim=(1, 3)).squeeze(1)
     assert rows.std(dim=1).max() > 0.05  # rotation tilts the edge: rows differ
-    again = augment(batch, torch.Generator().manual_seed(0))
+    again = augment(batch, draw_augmentation(64, torch.Generator().manual_seed(0)))
     assert torch.equal(out, again)  # same generator state, same augmentation
 
 

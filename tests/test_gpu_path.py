@@ -1,4 +1,5 @@
-"""The GPU's code path end to end: channels_last + bf16 through train -> sweep -> analyze.
+"""The GPU's code path end to end: channels_last + bf16 + torch.compile + the data held on the
+device, through train -> sweep -> analyze.
 
 CI runs it on the CPU (every switch is selectable there); the `gpu`-marked case runs the same
 study on CUDA where there is one (`bash ci/test.sh -m gpu`) and is skipped elsewhere."""
@@ -23,6 +24,8 @@ def test_a_study_on_the_gpu_code_path_finishes(device, tmp_path, mlflow_store):
         "--channels-last",
         "--precision",
         "bf16",
+        "--compile",
+        "--resident-data",
         "--demo-dir",
         str(tmp_path / "demo"),
         "--cache-dir",
@@ -54,6 +57,8 @@ def test_a_study_on_the_gpu_code_path_finishes(device, tmp_path, mlflow_store):
     assert set(ran["params.device_resolved"]) == {device}
     assert set(ran["params.channels_last_resolved"]) == {"true"}
     assert set(ran["params.precision_resolved"]) == {"bf16"}
+    assert set(ran["params.compile_resolved"]) == {"true"}
+    assert set(ran["params.resident_data_resolved"]) == {"true"}
     pruned = runs[runs["params.method"] == "l1"]
     assert pruned["metrics.achieved_sparsity"].round(3).tolist() == pytest.approx(
         pruned["params.sparsity"].astype(float).round(3).tolist()

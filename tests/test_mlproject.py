@@ -112,6 +112,8 @@ NON_DEFAULTS = {
     "device": "cpu",
     "channels_last": "true",
     "precision": "bf16",
+    "compile": "false",
+    "resident_data": "true",
     "arch": "resnet18",
     "image_size": "64",
     "batch_size": "32",
@@ -165,6 +167,8 @@ def test_train_with_every_parameter_set(tiny_mimic, tmp_path, mlflow_store):
         device="cpu",
         channels_last="true",
         precision="bf16",
+        compile="false",
+        resident_data="true",
         cache_dir=tmp_path / "cache",  # undeclared: passed through as --cache-dir
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -177,6 +181,7 @@ def test_train_with_every_parameter_set(tiny_mimic, tmp_path, mlflow_store):
         "true",
     )
     assert (params["channels_last_resolved"], params["precision_resolved"]) == ("true", "bf16")
+    assert (params["compile_resolved"], params["resident_data_resolved"]) == ("false", "true")
     assert run.data.metrics["test_mAUC"] > 0
 
 

@@ -19,8 +19,11 @@ from prunecxr.data.synthetic import write_synthetic
 from prunecxr.evaluate import predict_logits, sigmoid
 from prunecxr.runtime import resolve_runtime
 from prunecxr.train import (
+    CHECKPOINT_ARTIFACT,
+    Checkpoints,
     TrainConfig,
     create_state,
+    fetch_checkpoint,
     restore_state,
     resume_training,
     run_training,
@@ -239,3 +242,43 @@ def test_restoring_a_checkpoint_downloads_nothing(tmp_path, monkeypatch):
     restored = restore_state(trained.checkpoint(config), config, 20, runtime)
     for a, b in zip(trained.model.state_dict().values(), restored.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_resident_and_streamed_training_data_train_the_same_model(
+    tiny_nih, cache_dir, mlflow_store
+):
+    """The images held on the device as one tensor, or read from the cache batch by batch:
+    the same batches, so the same history, bit for bit."""
+    tracking.use_experiment("prunecxr")
+    resident = run_training(tiny_config(tiny_nih, cache_dir, max_epochs=2, resident_data=True))
+    streamed = run_training(tiny_config(tiny_nih, cache_dir, max_epochs=2, resident_data=False))
+    columns = ["train_loss", "val_loss", "val_mAUC"]
+    pd.testing.assert_frame_equal(_history(resident)[columns], _history(streamed)[columns])
+    params = MlflowClient().get_run(resident).data.params
+    assert params["resident_data_resolved"] == "true"
+
+
+def test_checkpoints_are_kept_here_every_epoch_and_uploaded_on_improvement(
+    tiny_nih, cache_dir, mlflow_store, tmp_path
+):
+    tracking.use_experiment("prunecxr")
+    config = tiny_config(tiny_nih, cache_dir)
+    state = create_state(config, len(NIH.classes), resolve_runtime("cpu"))
+    row = {"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_mAUC": 0.5, "val_mAP": 0.1}
+    with tracking.start_run("train") as run_id:
+        keeper = Checkpoints(run_id, config)
+        state.epoch, state.epochs_since_best, state.history = 1, 0, [row]
+        keeper.after_epoch(state)  # a new best: uploaded
+        state.epoch, state.epochs_since_best = 2, 1
+        state.history = [row, {**row, "epoch": 2, "val_loss": 2.0}]
+        keeper.after_epoch(state)  # not better: kept on this machine only
+
+        def uploaded_epoch() -> int:
+            path = tracking.download_artifact(run_id, CHECKPOINT_ARTIFACT, tmp_path)
+            return torch.load(path, weights_only=True)["epoch"]
+
+        assert uploaded_epoch() == 1
+        assert fetch_checkpoint(run_id)["epoch"] == 2  # resume takes the newer local one
+        keeper.upload_last()
+        assert uploaded_epoch() == 2
+        assert not list((cache_dir / "checkpoints").rglob("*.pt"))  # uploaded: local copy gone

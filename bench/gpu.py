@@ -1,0 +1,378 @@
+"""GPU benchmark: prunecxr against the original study's pipeline on the same data and device.
+
+Measures, on synthetic chest X-rays it writes as PNG files (full size: 1024 x 1024, 256 px input):
+1. training images/s: prunecxr's loop (images held on the device, augmentation there, no sync
+   per step; bf16 + channels_last + torch.compile + fused Adam on CUDA) against the original's
+   (a DataLoader decoding and resizing every file every epoch, PIL flip/rotation, fp32, Adam);
+2. sweep cell images/s: a prunecxr sweep cell (test tensor on the device, dense weights copied
+   in place, pruned, evaluated) against the original's per-sparsity loop (reload the checkpoint,
+   prune, a fresh DataLoader decoding every file, fp32);
+3. structured pruning at 0.5/0.7/0.9: MACs, parameters and measured speed-up against dense;
+4. bf16 against fp32 evaluation: the largest per-class AP difference.
+Writes one JSON; `--tables` prints docs/PERFORMANCE.md's GPU section from one. On the CPU it
+runs at small sizes (`--small`), which is how CI keeps it from rotting.
+
+    python bench/gpu.py --out gpu.json                # a CUDA machine, full size, < 8 minutes
+    python bench/gpu.py --small --out small.json      # any machine, tiny sizes
+    python bench/gpu.py --tables gpu.json             # markdown for docs/PERFORMANCE.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from prunecxr.data import SplitData, get_schema, load_split
+from prunecxr.data.cache import decode_image
+from prunecxr.data.labels import read_labels
+from prunecxr.data.synthetic import write_synthetic
+from prunecxr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from prunecxr.device_data import DeviceImages
+from prunecxr.evaluate import device_logits, per_class_metrics, sigmoid
+from prunecxr.models import create_model
+from prunecxr.pruning import count_macs, nonzero_parameters, prune_model
+from prunecxr.runtime import resolve_runtime
+from prunecxr.sources import DataSettings, ModelSource
+from prunecxr.sweep import CellSettings, SourceCells, measure_speed
+from prunecxr.train import Finetune, TrainState, train_one_epoch
+
+SCHEMA = get_schema("nih-cxr-lt")
+SIZES = {
+    "full": {
+        "arch": "resnet50",
+        "source_size": 1024,
+        "image_size": 256,
+        "files": 768,
+        "batch_size": 256,
+        "train_images": 10_240,  # the decoded files repeated: steady state, not warm-up
+        "test_images": 8_192,
+        "workers": 12,
+        "original_epochs": 2,
+    },
+    "small": {
+        "arch": "resnet18",
+        "source_size": 96,
+        "image_size": 32,
+        "files": 48,
+        "batch_size": 16,
+        "train_images": 96,
+        "test_images": 96,
+        "workers": 1,
+        "original_epochs": 1,
+    },
+}
+SPARSITIES = (0.5, 0.7, 0.9)
+
+
+class OriginalDataset(Dataset):
+    """The original's data path: decode + resize every file, transforms per image in PIL."""
+
+    def __init__(self, paths: list[Path], labels: np.ndarray, image_size: int, train: bool):
+        self.paths, self.labels, self.image_size = paths, labels, image_size
+        steps = [transforms.ToPILImage()]
+        if train:
+            steps += [transforms.RandomHorizontalFlip(), transforms.RandomRotation(15)]
+        steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        self.transform = transforms.Compose(steps)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        image = np.repeat(decode_image(self.paths[index], self.image_size)[..., None], 3, axis=2)
+        return self.transform(image), torch.from_numpy(self.labels[index])
+
+
+def train_original(paths, labels, size: dict, device) -> float:
+    """Images/s of the original's training loop (fp32, NCHW, Adam, loss.item() per step)."""
+    model = create_model(size["arch"], SCHEMA.num_classes).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    data = OriginalDataset(paths, labels, size["image_size"], train=True)
+    loader = DataLoader(
+        data,
+        batch_size=size["batch_size"],
+        shuffle=True,
+        num_workers=size["workers"],
+        pin_memory=device.type == "cuda",
+    )
+    started = time.perf_counter()
+    for _ in range(size["original_epochs"]):
+        for images, targets in loader:
+            loss = F.binary_cross_entropy_with_logits(model(images.to(device)), targets.to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss.item()
+    return size["original_epochs"] * len(data) / (time.perf_counter() - started)
+
+
+def train_ours(split: SplitData, size: dict, runtime) -> dict:
+    """Images/s of prunecxr's training loop, after a first epoch that compiles and warms up."""
+    torch.manual_seed(0)
+    model = runtime.place_model(create_model(size["arch"], SCHEMA.num_classes))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+    state = TrainState(model, optimizer, torch.Generator().manual_seed(0))
+    data = DeviceImages(
+        _repeat(split.images, size["train_images"]),
+        runtime,
+        _repeat(split.labels, size["train_images"]),
+    )
+    forward = runtime.compiled(model)
+    started = time.perf_counter()
+    train_one_epoch(state, data, size["batch_size"], runtime, forward)  # compiles, warms up
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    train_one_epoch(state, data, size["batch_size"], runtime, forward)  # ends with a sync
+    seconds = time.perf_counter() - started
+    return {"images_per_s": len(data) / seconds, "first_epoch_s": first, "model": model}
+
+
+def sweep_original(checkpoint: Path, paths, size: dict, device) -> float:
+    """Images/s of the original's prune loop: per sparsity reload, prune, fresh DataLoader."""
+    started = time.perf_counter()
+    for sparsity in SPARSITIES:
+        model = create_model(size["arch"], SCHEMA.num_classes)
+        model.load_state_dict(torch.load(checkpoint, weights_only=True))
+        model = prune_model(model.to(device), "l1", sparsity, example_inputs=None).eval()
+        labels = np.zeros((len(paths), SCHEMA.num_classes), np.float32)
+        loader = DataLoader(
+            OriginalDataset(paths, labels, size["image_size"], train=False),
+            batch_size=size["batch_size"],
+            num_workers=size["workers"],
+            pin_memory=device.type == "cuda",
+        )
+        with torch.inference_mode():
+            [model(images.to(device)).float().cpu() for images, _ in loader]
+    return len(SPARSITIES) * len(paths) / (time.perf_counter() - started)
+
+
+def sweep_ours(model, split: SplitData, data: DataSettings, size: dict, runtime) -> dict:
+    """Per L1 cell: the whole cell (prune, evaluate, measure) and its evaluation alone."""
+    dense = copy.deepcopy(model).cpu().float()
+    source = ModelSource("bench", None, size["arch"], 0, "none", data, dense)
+    test = DeviceImages(_repeat(split.images, size["test_images"]), runtime)
+    settings = CellSettings(batch_size=size["batch_size"])
+    cells = SourceCells(source, test, runtime, settings, Finetune())
+    started = time.perf_counter()
+    cells.compute("l1", SPARSITIES[0])  # compiles, warms up
+    first = time.perf_counter() - started
+    rows = []
+    for sparsity in SPARSITIES:
+        runtime.synchronize()
+        started = time.perf_counter()
+        result = cells.compute("l1", sparsity)
+        runtime.synchronize()
+        cell_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        device_logits(
+            cells.working,
+            test,
+            runtime=runtime,
+            batch_size=size["batch_size"],
+            forward=cells.forward,
+        )
+        eval_seconds = time.perf_counter() - started
+        rows.append(
+            {
+                "sparsity": sparsity,
+                "cell_images_per_s": len(test) / cell_seconds,
+                "eval_images_per_s": len(test) / eval_seconds,
+                "latency_ms_batch1": result.measures["latency_ms_batch1"],
+            }
+        )
+    return {"first_cell_s": first, "cells": rows}
+
+
+def structured(model, split: SplitData, size: dict, runtime) -> list[dict]:
+    """MACs, parameters and measured throughput of channel-pruned models against dense."""
+    example = torch.zeros(1, 3, size["image_size"], size["image_size"], device=runtime.device)
+    test = DeviceImages(_repeat(split.images, 4 * size["batch_size"]), runtime)
+    dense = runtime.place_model(copy.deepcopy(model).float()).eval()
+    rows = []
+    for sparsity in (0.0, *SPARSITIES):
+        pruned = prune_model(copy.deepcopy(dense), "structured", sparsity, example_inputs=example)
+        pruned = runtime.place_model(pruned).eval()
+        speed = measure_speed(pruned, test, runtime, size["batch_size"], [])
+        rows.append(
+            {
+                "sparsity": sparsity,
+                "macs": count_macs(pruned, example),
+                "params": nonzero_parameters(pruned),
+                "throughput_images_per_s": speed["throughput_images_per_s"],
+            }
+        )
+    for row in rows:
+        row["mac_reduction"] = rows[0]["macs"] / row["macs"]
+        row["speedup"] = row["throughput_images_per_s"] / rows[0]["throughput_images_per_s"]
+    return rows
+
+
+def precision(model, split: SplitData, size: dict, device: str) -> dict:
+    """bf16 against fp32 evaluation of the same model: the largest per-class AP difference."""
+    aps = {}
+    for way in ("fp32", "bf16"):
+        runtime = resolve_runtime(device, precision=way, compile=False)
+        placed = runtime.place_model(copy.deepcopy(model).float())
+        logits, _ = device_logits(
+            placed, split.images, runtime=runtime, batch_size=size["batch_size"]
+        )
+        aps[way] = per_class_metrics(sigmoid(logits.numpy()), split.labels, SCHEMA.classes).ap
+    return {"max_abs_ap_difference": float((aps["bf16"] - aps["fp32"]).abs().max())}
+
+
+def _repeat(array: np.ndarray, count: int) -> np.ndarray:
+    return np.resize(np.asarray(array), (count, *array.shape[1:]))
+
+
+def _describe(runtime) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version()}
+    if runtime.on_cuda:
+        info["card"] = torch.cuda.get_device_name(runtime.device)
+        info["cuda"] = torch.version.cuda
+        info["driver"] = _nvidia_driver()
+    else:
+        info["card"] = f"CPU ({torch.get_num_threads()} threads)"
+    return info
+
+
+def _nvidia_driver() -> str:
+    import subprocess
+
+    query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+    try:
+        return subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run(args) -> dict:
+    size = SIZES["small" if args.small else "full"]
+    runtime = resolve_runtime(args.device)  # training: the device's fast path
+    analysis = resolve_runtime(args.device, for_analysis=True)  # sweep cells: fp32
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="prunecxr-gpu-bench-") as scratch:
+        root = Path(scratch)
+        splits = {"train": 8, "val": 8, "test": size["files"]}
+        write_synthetic(SCHEMA, root, splits, image_size=size["source_size"], seed=0)
+        labels = read_labels(SCHEMA, root, "test")
+        paths = [root / image_id for image_id in labels.image_ids]
+        data = DataSettings(
+            SCHEMA.name, str(root), str(root), size["image_size"], str(root / "cache")
+        )
+        built = time.perf_counter()
+        split = load_split(
+            SCHEMA,
+            root,
+            root,
+            "test",
+            size["image_size"],
+            cache_dir=root / "cache",
+            num_workers=size["workers"],
+        )
+        cache_seconds = time.perf_counter() - built
+        ours = train_ours(split, size, runtime)
+        original = train_original(paths, split.labels, size, runtime.device)
+        checkpoint = root / "dense.pt"
+        torch.save(ours["model"].state_dict(), checkpoint)
+        sweep = sweep_ours(ours["model"], split, data, size, analysis)
+        sweep["original_images_per_s"] = sweep_original(checkpoint, paths, size, runtime.device)
+        result = {
+            **_describe(runtime),
+            "size": "small" if args.small else "full",
+            "settings": {k: v for k, v in size.items()},
+            "training_runtime": runtime.describe(),
+            "sweep_runtime": analysis.describe(),
+            "cache_build_images_per_s": len(paths) / cache_seconds,
+            "train": {
+                "prunecxr_images_per_s": ours["images_per_s"],
+                "prunecxr_first_epoch_s": ours["first_epoch_s"],
+                "original_images_per_s": original,
+                "speedup": ours["images_per_s"] / original,
+            },
+            "sweep": sweep,
+            "structured": structured(ours["model"], split, size, analysis),
+            "precision": precision(ours["model"], split, size, args.device),
+        }
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def tables(result: dict) -> str:
+    """docs/PERFORMANCE.md's section for one benchmark run."""
+    train, sweep = result["train"], result["sweep"]
+    best_cell = max(row["cell_images_per_s"] for row in sweep["cells"])
+    lines = [
+        f"Card: {result['card']}; driver {result.get('driver', '-')}; torch {result['torch']}"
+        f"{'; CUDA ' + result['cuda'] if result.get('cuda') else ''}; size `{result['size']}` "
+        f"({result['settings']['arch']}, {result['settings']['source_size']} px PNGs, "
+        f"{result['settings']['image_size']} px input, batch {result['settings']['batch_size']}); "
+        f"whole benchmark {result['seconds']:.0f} s.",
+        "",
+        "| what | prunecxr | original pipeline | ratio |",
+        "| --- | --- | --- | --- |",
+        f"| training, images/s | {train['prunecxr_images_per_s']:,.0f} | "
+        f"{train['original_images_per_s']:,.0f} | {train['speedup']:.1f}x |",
+        f"| sweep cell (L1), images/s | {best_cell:,.0f} | {sweep['original_images_per_s']:,.0f} "
+        f"| {best_cell / sweep['original_images_per_s']:.1f}x |",
+        "",
+        f"First training epoch (compile + warm-up): {train['prunecxr_first_epoch_s']:.1f} s; "
+        f"first sweep cell: {sweep['first_cell_s']:.1f} s; "
+        f"cache build: {result['cache_build_images_per_s']:,.0f} images/s.",
+        "",
+        "| L1 sparsity | whole cell, images/s | evaluation only, images/s | latency, batch 1 (ms) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in sweep["cells"]:
+        lines.append(
+            f"| {row['sparsity']:g} | {row['cell_images_per_s']:,.0f} | "
+            f"{row['eval_images_per_s']:,.0f} | {row['latency_ms_batch1']:.2f} |"
+        )
+    lines += [
+        "",
+        "| structured sparsity | MACs | parameters | MAC reduction | measured speed-up |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in result["structured"]:
+        lines.append(
+            f"| {row['sparsity']:g} | {row['macs'] / 1e9:.3f} G | {row['params'] / 1e6:.2f} M | "
+            f"{row['mac_reduction']:.2f}x | {row['speedup']:.2f}x |"
+        )
+    lines += [
+        "",
+        f"bf16 against fp32 evaluation: largest per-class AP difference "
+        f"{result['precision']['max_abs_ap_difference']:.4f}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="tiny sizes (CPU, CI)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", help="write the JSON here")
+    parser.add_argument("--tables", metavar="JSON", help="print the markdown tables of a result")
+    args = parser.parse_args()
+    if args.tables:
+        sys.stdout.write(tables(json.loads(Path(args.tables).read_text())))
+        return
+    result = run(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
