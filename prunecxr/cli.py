@@ -104,6 +104,9 @@ def train(resume_run_id, experiment, **settings) -> None:
     type=click.Path(resolve_path=True, path_type=Path),
     help="Where the demo's synthetic data is written when no --data-dir is given.",
 )
+@click.option(
+    "--demo-seed", default=0, show_default=True, help="Seed of the demo's synthetic data."
+)
 @model_options
 @optimization_options
 @click.option("--seeds", type=int, help="Number of seeds (0..N-1) [default: 2 demo, 30 real data].")
@@ -115,7 +118,7 @@ def train(resume_run_id, experiment, **settings) -> None:
 )
 @runtime_options
 @experiment_option
-def study(demo_dir, seeds, methods, sparsities, experiment, **settings) -> None:
+def study(demo_dir, demo_seed, seeds, methods, sparsities, experiment, **settings) -> None:
     """The whole pipeline as nested MLflow runs; with no --data-dir, the synthetic demo."""
     from prunecxr import tracking
     from prunecxr.study import StudyConfig, demo_config, ensure_demo_data, run_study
@@ -123,7 +126,7 @@ def study(demo_dir, seeds, methods, sparsities, experiment, **settings) -> None:
 
     tracking.use_experiment(experiment)
     if settings["data_dir"] is None:
-        ensure_demo_data(demo_dir, settings["dataset"])
+        ensure_demo_data(demo_dir, settings["dataset"], demo_seed)
         overrides = given_on_command_line(settings)
         overrides.update(cache_override(overrides.pop("cache_dir", None)))
         for key in ("dataset", "data_dir", "label_dir"):

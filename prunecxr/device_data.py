@@ -23,11 +23,11 @@ class DeviceImages:
     def __init__(self, images: np.ndarray, runtime: Runtime, labels: np.ndarray | None = None):
         self.device = runtime.device
         self.host = images
-        self.labels = None if labels is None else torch.from_numpy(labels).to(self.device)
+        self.labels = None if labels is None else torch.from_numpy(np.array(labels)).to(self.device)
         self.resident = runtime.resident_data and _fits(images, runtime)
         self.images = None
         if self.resident:
-            self.images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+            self.images = torch.from_numpy(np.array(images)).to(self.device)
         self._pinned: list[tuple[torch.Tensor, torch.cuda.Event]] = []
         self._turn = 0
 
@@ -58,7 +58,7 @@ class DeviceImages:
         return self._upload(self.host[start:stop])
 
     def _upload(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        tensor = torch.from_numpy(np.array(array))  # a copy: the cache is read-only
         if self.device.type != "cuda":
             return tensor
         # Two pinned buffers in turn: a buffer is refilled only once its last copy is done.

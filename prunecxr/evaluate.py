@@ -52,7 +52,7 @@ def device_logits(
     if not isinstance(images, DeviceImages):
         images = DeviceImages(images, runtime)
     model.eval()
-    forward = forward or model
+    forward = model if forward is None else forward
     outputs, timers = [], []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False):

@@ -8,6 +8,7 @@ import copy
 import functools
 import hashlib
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,10 +129,23 @@ class SourceCells:
         self.dense_result: CellResult | None = None
 
     def compute(self, method: str, sparsity: float) -> CellResult:
+        """The cell's result; `cell_images_per_s` counts everything from the dense weights to
+        the measured pruned model (for sparsity 0, its one computation)."""
+        started = time.perf_counter()
         if sparsity == 0 and not self.finetune.epochs:
             if self.dense_result is None:
                 self.dense_result = self._evaluate(self._load_dense(), self.forward)
+                self._count_rate(self.dense_result, started)
             return self.dense_result
+        result = self._compute_pruned(method, sparsity)
+        self._count_rate(result, started)
+        return result
+
+    def _count_rate(self, result: CellResult, started: float) -> None:
+        self.runtime.synchronize()
+        result.measures["cell_images_per_s"] = len(self.test) / (time.perf_counter() - started)
+
+    def _compute_pruned(self, method: str, sparsity: float) -> CellResult:
         if method == "structured":
             model = copy.deepcopy(self.source.model).to(self.runtime.device).eval()
             model = prune_model(model, method, sparsity, example_inputs=self.example)
@@ -162,7 +176,11 @@ class SourceCells:
             "nonzero_params": nonzero_parameters(model),
             "macs": count_macs(model, self.example),
             **measure_speed(
-                forward or model, self.test, self.runtime, self.settings.batch_size, batch_seconds
+                model if forward is None else forward,
+                self.test,
+                self.runtime,
+                self.settings.batch_size,
+                batch_seconds,
             ),
         }
         kept = copy.deepcopy(model).cpu() if self.settings.log_model else None
@@ -248,6 +266,10 @@ def log_cell(
         tracking.set_tags({CELL_TAG: cell_key(source, method, sparsity)})
         tracking.log_params(_cell_params(source, method, sparsity, finetune, settings))
         tracking.log_resolved(runtime.describe())
+        label_file = Path(source.data.label_dir) / get_schema(source.data.dataset).label_file(
+            "test"
+        )
+        tracking.log_label_file(label_file, source.data.dataset, "test")
         metrics = per_class_metrics(result.probs, test.labels, classes)
         tracking.log_metrics({**summarize(metrics, "test"), **result.measures})
         tracking.log_table(metrics, "per_class_metrics.csv")
@@ -320,7 +342,9 @@ def run_sweep(
     if resume_id:
         ownership.take_over(resume_id, "sweep")
     name = f"sweep-{'-'.join(methods)}"
-    with tracking.start_run("sweep", run_name=name, run_id=resume_id) as sweep_id:
+    with tracking.start_run(
+        "sweep", run_name=name, run_id=resume_id, system_metrics=True
+    ) as sweep_id:
         with ownership.owned(sweep_id, contested=resume_id is not None):
             if resume_id is None:
                 tracking.set_tags({SWEEP_KEY_TAG: key})

@@ -6,13 +6,17 @@ directory). Inside `mlflow run`, MLFLOW_RUN_ID is set and the first top-level ru
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
+import mlflow.data
 import mlflow.pytorch
 import numpy as np
 import pandas as pd
@@ -108,10 +112,12 @@ def start_run(
     run_name: str | None = None,
     run_id: str | None = None,
     parent_run_id: str | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[str]:
     """A run tagged with its stage; nested under `parent_run_id`, else under the active run if
     there is one (active runs are per thread). `run_id` continues an existing run (resume).
-    Yields the run id."""
+    `system_metrics`: MLflow samples CPU, memory and GPU use into the run while it is open (so
+    the UI shows whether the GPU was starved). Yields the run id."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
     nested = parent_run_id is not None or mlflow.active_run() is not None
@@ -120,7 +126,11 @@ def start_run(
         # `mlflow run` made a run for this command, but the work continues in an older one.
         set_run_tags(created_by_mlflow_run, {CONTINUED_TAG: run_id})
     with mlflow.start_run(
-        run_id=run_id, run_name=run_name, nested=nested, parent_run_id=parent_run_id
+        run_id=run_id,
+        run_name=run_name,
+        nested=nested,
+        parent_run_id=parent_run_id,
+        log_system_metrics=system_metrics,
     ) as run:
         mlflow.set_tag(STAGE_TAG, stage)
         yield run.info.run_id
@@ -175,6 +185,23 @@ def _same_value(a: str, b: str) -> bool:
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics(metrics, step=step)
+
+
+def log_label_file(path: Path, dataset: str, split: str) -> None:
+    """Record a label file as the run's input (the UI's Dataset column): named
+    `<dataset>-<split>`, its source the file, its digest the file's SHA-256 (first 16 hex)."""
+    frame, digest = _label_file(Path(path).resolve(), Path(path).stat().st_mtime_ns)
+    with warnings.catch_warnings():  # MLflow's hint about integer columns in a schema
+        warnings.simplefilter("ignore", UserWarning)
+        data = mlflow.data.from_pandas(
+            frame, source=str(Path(path).resolve()), name=f"{dataset}-{split}", digest=digest
+        )
+    mlflow.log_input(data, context=split)
+
+
+@functools.lru_cache(maxsize=16)
+def _label_file(path: Path, _mtime_ns: int) -> tuple[pd.DataFrame, str]:
+    return pd.read_csv(path), hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def log_table(frame: pd.DataFrame, artifact_file: str) -> None:

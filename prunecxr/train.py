@@ -127,7 +127,7 @@ def train_one_epoch(
     device once; losses add up on the device, so a step never waits for the host. `forward`:
     the module to call (the model, or the model compiled)."""
     state.model.train()
-    forward = forward or state.model
+    forward = state.model if forward is None else forward
     order = torch.randperm(len(data), generator=state.generator).numpy()
     batches = [np.sort(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
     positions = torch.from_numpy(np.concatenate(batches)).to(runtime.device)
@@ -170,6 +170,7 @@ def fit(state: TrainState, config: TrainConfig, splits: dict, runtime, on_epoch_
     while state.epoch < config.max_epochs and state.epochs_since_best < config.patience:
         started = time.perf_counter()
         train_loss = train_one_epoch(state, train, config.batch_size, runtime, forward)
+        train_seconds = time.perf_counter() - started
         val_loss, val_metrics, _ = evaluate_split(
             state.model, val, classes, runtime, config.batch_size, forward
         )
@@ -186,6 +187,7 @@ def fit(state: TrainState, config: TrainConfig, splits: dict, runtime, on_epoch_
                 "val_loss": val_loss,
                 "val_mAUC": float(val_metrics.auc.mean()),
                 "val_mAP": float(val_metrics.ap.mean()),
+                "train_images_per_s": len(train) / train_seconds,
                 "seconds": time.perf_counter() - started,
             }
         )
@@ -285,7 +287,9 @@ def _train(config: TrainConfig, checkpoint: dict | None, run_id: str | None) -> 
     splits = load_splits(config)
     run_name = f"train-{config.arch}-seed{config.seed}"
     with (
-        tracking.start_run("train", run_name=run_name, run_id=run_id) as active_id,
+        tracking.start_run(
+            "train", run_name=run_name, run_id=run_id, system_metrics=True
+        ) as active_id,
         ownership.owned(active_id),
     ):
         if checkpoint:
@@ -293,6 +297,9 @@ def _train(config: TrainConfig, checkpoint: dict | None, run_id: str | None) -> 
         else:
             tracking.log_params(dataclasses.asdict(config))
             tracking.log_resolved(runtime.describe())
+            for split in ("train", "val", "test"):
+                label_file = Path(config.label_dir) / get_schema(config.dataset).label_file(split)
+                tracking.log_label_file(label_file, config.dataset, split)
         checkpoints = Checkpoints(active_id, config)
         fit(state, config, splits, runtime, checkpoints.after_epoch)
         checkpoints.upload_last()

@@ -11,6 +11,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -79,10 +80,19 @@ def test_quickstart_demo_then_the_headline_prune_command(tmp_path):
         "study": 1,
         "train": 2,
         "sweep": 1,
-        "prune": 42,
+        "prune": 54,
         "analyze": 1,
     }
     assert {run.info.status for run in demo_runs} == {"FINISHED"}
+    # The paper's headline finding appears in the demo (README, "The demo's findings").
+    correlations = pd.read_csv(
+        client.download_artifacts(
+            by_stage["analyze"][0].info.run_id, "tables/correlations.csv", str(tmp_path)
+        )
+    ).set_index(["x", "y"])
+    for row, sign in [(("log_train_freq", "k20"), 1), (("log_freq_diff", "fcd"), 1)]:
+        assert sign * correlations.loc[row, "spearman_rho"] > 0, row
+        assert correlations.loc[row, "spearman_p"] < 0.05, row
     newest_train = max(by_stage["train"], key=lambda run: run.info.start_time)
     (pruned,) = client.search_runs(["0"])  # MLflow's Default experiment: no --experiment-name
     assert pruned.info.status == "FINISHED"

@@ -78,3 +78,28 @@ def test_refuses_to_overwrite_without_flag(tmp_path):
     with pytest.raises(PrunecxrError, match="already exists; pass --overwrite"):
         write_synthetic(NIH, tmp_path, sizes, image_size=16)
     write_synthetic(NIH, tmp_path, sizes, image_size=16, seed=5, overwrite=True)
+
+
+def test_every_finding_has_a_sign_of_its_own():
+    """No look-alikes (a common sign's shape and polarity a little apart): rare classes are rare,
+    not hidden; every sign has the same contrast range."""
+    from prunecxr.data.synthetic import SIGN_CONTRAST, create_signs
+
+    signs = list(create_signs(NIH, np.random.default_rng(0)).values())
+    assert len(signs) == len(NIH.classes) - 1
+    for i, a in enumerate(signs):
+        for b in signs[i + 1 :]:
+            alike = a.shape == b.shape and np.sign(a.contrast) == np.sign(b.contrast)
+            assert not (alike and np.hypot(a.x - b.x, a.y - b.y) < 0.15)
+    assert all(0.8 * SIGN_CONTRAST <= abs(s.contrast) <= 1.2 * SIGN_CONTRAST for s in signs)
+
+
+def test_the_demo_reuses_its_data_and_refuses_another_seeds(tmp_path):
+    from prunecxr.study import ensure_demo_data
+
+    write_synthetic(NIH, tmp_path, {"train": 30, "val": 10, "test": 10}, image_size=16, seed=0)
+    before = _digest(tmp_path)
+    ensure_demo_data(tmp_path, "nih-cxr-lt", seed=0)
+    assert _digest(tmp_path) == before
+    with pytest.raises(PrunecxrError, match="seed 0, not 1"):
+        ensure_demo_data(tmp_path, "nih-cxr-lt", seed=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import mlflow
@@ -63,7 +64,8 @@ def _predictions(run_id: str) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def test_train_run_logs_the_designs_names(tiny_nih, cache_dir, mlflow_store):
+def test_train_run_logs_the_designs_names(tiny_nih, cache_dir, mlflow_store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     tracking.use_experiment("prunecxr")
     run_id = run_training(tiny_config(tiny_nih, cache_dir))
     client = MlflowClient()
@@ -77,8 +79,19 @@ def test_train_run_logs_the_designs_names(tiny_nih, cache_dir, mlflow_store):
         ("pretrained", "none"),
     ]:
         assert run.data.params[param] == value
-    for metric in ("train_loss", "val_loss", "val_mAUC", "val_mAP"):
+    for metric in ("train_loss", "val_loss", "val_mAUC", "val_mAP", "train_images_per_s"):
         assert [m.step for m in client.get_metric_history(run_id, metric)] == [1, 2]
+    # What the machine did while it trained (GPU metrics too where there is one).
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        run.data.metrics
+    )
+    # The label files it saw, as run inputs (the UI's Dataset column), by split and digest.
+    inputs = {
+        i.tags[0].value: (i.dataset.name, i.dataset.digest) for i in run.inputs.dataset_inputs
+    }
+    for split in ("train", "val", "test"):
+        digest = hashlib.sha256((tiny_nih / NIH.label_file(split)).read_bytes()).hexdigest()
+        assert inputs[split] == (f"nih-cxr-lt-{split}", digest[:16])
     for name in NIH.classes:
         for metric in ("auc", "ap", "f1"):
             assert f"test_{metric}_{class_slug(name)}" in run.data.metrics
