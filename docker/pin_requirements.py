@@ -22,6 +22,8 @@ HEADER = """\
 
 def from_base_image(name: str) -> bool:
     """torch, its CUDA libraries and the package itself are not pinned here."""
+    if name == "nvidia-ml-py":  # NVML bindings for MLflow's GPU metrics: ours, not CUDA's
+        return False
     return name in {"prunecxr", "torch", "torchvision", "triton", "setuptools"} or name.startswith(
         ("nvidia-", "cuda-")
     )
