@@ -180,3 +180,46 @@ def test_finetuning_after_unstructured_pruning_keeps_the_sparsity(trained, cache
     untuned = run_prune(source, "l1", 0.5, settings)
     untuned_auc = MlflowClient().get_run(untuned).data.metrics["test_mAUC"]
     assert run.data.metrics["test_mAUC"] != untuned_auc  # fine-tuning changed the weights
+
+
+def test_unstructured_cells_share_one_compiled_graph_and_match_a_fresh_copy():
+    """Sweep cells load the dense weights in place into one working model: with --compile, the
+    graphs compiled for the first cell serve every later one (no recompile), and each cell's
+    predictions equal pruning a fresh copy of the model. Sparsity 0 is evaluated once."""
+    import copy
+
+    import torch._dynamo.utils
+
+    from prunecxr.device_data import DeviceImages
+    from prunecxr.pruning import prune_model
+    from prunecxr.sources import ModelSource
+    from prunecxr.sweep import SourceCells
+    from prunecxr.train import Finetune
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, NIH.num_classes),
+    ).eval()
+    images = np.random.default_rng(0).integers(0, 256, (10, 16, 16), dtype=np.uint8)
+    data = DataSettings(NIH.name, "/nowhere", "/nowhere", 16)
+    source = ModelSource("test", None, "tiny", 3, "none", data, model)
+    runtime = resolve_runtime("cpu", compile=True)
+    settings = CellSettings(device="cpu", batch_size=4, compile=True)
+    cells = SourceCells(source, DeviceImages(images, runtime), runtime, settings, Finetune())
+    counters = torch._dynamo.utils.counters["stats"]
+    first = cells.compute("l1", 0.5)
+    graphs = counters["unique_graphs"]
+    later = {(m, k): cells.compute(m, k) for m in ("l1", "random") for k in (0.7, 0.9)}
+    assert counters["unique_graphs"] == graphs  # no recompile after the first cell
+    assert cells.compute("random", 0.0) is cells.compute("l1", 0.0)  # dense: evaluated once
+    eager = resolve_runtime("cpu")
+    for (method, sparsity), result in [(("l1", 0.5), first), *later.items()]:
+        fresh = prune_model(copy.deepcopy(model), method, sparsity, example_inputs=None, seed=3)
+        expected = sigmoid(predict_logits(fresh, images, runtime=eager, batch_size=4))
+        np.testing.assert_allclose(result.probs, expected, rtol=1e-4, atol=1e-5)
+        assert result.measures["achieved_sparsity"] == pytest.approx(sparsity, abs=0.01)
+        assert result.measures["throughput_images_per_s"] > 0
