@@ -1,7 +1,8 @@
 """A split's images where the model reads them: resident on the device as one uint8 tensor
-(uploaded once), or streamed from the memory-mapped cache batch by batch through pinned host
-buffers, the copy of one batch overlapping the compute of the one before (nothing in a training
-step waits for the host). Both give the same batches, so results do not depend on the choice."""
+(uploaded once), or streamed from the memory-mapped cache batch by batch through two pinned
+host buffers with asynchronous copies, so the host reads the next batch while the device
+still computes the last (nothing in a training step waits for the host). Both give the same
+batches, so results do not depend on the choice."""
 
 from __future__ import annotations
 

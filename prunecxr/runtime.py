@@ -52,7 +52,13 @@ class Runtime:
 
     def compiled(self, model: nn.Module) -> nn.Module:
         """The module to call: `model` compiled (sharing its parameters) or `model` itself."""
-        return torch.compile(model) if self.compile else model
+        if not self.compile:
+            return model
+        # One process compiles train and eval modes, several batch shapes and precisions of
+        # the same forward: more than Dynamo's default of 8 graphs, past which it silently
+        # runs uncompiled.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        return torch.compile(model)
 
     def synchronize(self) -> None:
         if self.on_cuda:

@@ -175,12 +175,14 @@ class SourceCells:
             "achieved_sparsity": 1 - nonzero / self.total,
             "nonzero_params": nonzero_parameters(model),
             "macs": count_macs(model, self.example),
+            # Every cell's speed is the plain model's (structured ones are not compiled), so
+            # the evaluation's timings count only where they were of the plain model.
             **measure_speed(
-                model if forward is None else forward,
+                model,
                 self.test,
                 self.runtime,
                 self.settings.batch_size,
-                batch_seconds,
+                batch_seconds if forward is None or forward is model else [],
             ),
         }
         kept = copy.deepcopy(model).cpu() if self.settings.log_model else None

@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import tempfile
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -191,17 +190,19 @@ def log_label_file(path: Path, dataset: str, split: str) -> None:
     """Record a label file as the run's input (the UI's Dataset column): named
     `<dataset>-<split>`, its source the file, its digest the file's SHA-256 (first 16 hex)."""
     frame, digest = _label_file(Path(path).resolve(), Path(path).stat().st_mtime_ns)
-    with warnings.catch_warnings():  # MLflow's hint about integer columns in a schema
-        warnings.simplefilter("ignore", UserWarning)
-        data = mlflow.data.from_pandas(
-            frame, source=str(Path(path).resolve()), name=f"{dataset}-{split}", digest=digest
-        )
+    data = mlflow.data.from_pandas(
+        frame, source=str(Path(path).resolve()), name=f"{dataset}-{split}", digest=digest
+    )
     mlflow.log_input(data, context=split)
 
 
 @functools.lru_cache(maxsize=16)
 def _label_file(path: Path, _mtime_ns: int) -> tuple[pd.DataFrame, str]:
-    return pd.read_csv(path), hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    frame = pd.read_csv(path)
+    # Integer columns as floats: MLflow's schema inference warns about integers otherwise.
+    integers = frame.select_dtypes("integer").columns
+    frame[integers] = frame[integers].astype("float64")
+    return frame, hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def log_table(frame: pd.DataFrame, artifact_file: str) -> None:

@@ -321,18 +321,20 @@ def _resume_note(checkpoint: dict, config: TrainConfig, runtime: Runtime) -> str
 
 def fetch_checkpoint(run_id: str) -> dict:
     """The run's latest checkpoint: the one kept on this machine if it is newer than the one
-    uploaded to the run (uploads are rate-limited, see Checkpoints)."""
+    uploaded to the run (uploads are rate-limited, see Checkpoints), or the only one readable."""
     if tracking.run_stage(tracking.get_run(run_id)) != "train":
         raise PrunecxrError(f"run {run_id} is not a train run; --resume takes a train run id")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = tracking.download_artifact(run_id, CHECKPOINT_ARTIFACT, Path(tmp))
-        uploaded = torch.load(path, map_location="cpu", weights_only=True)
     local = Path(tracking.get_run(run_id).data.tags.get(LOCAL_CHECKPOINT_TAG, "/nonexistent"))
-    if local.is_file():
-        kept = torch.load(local, map_location="cpu", weights_only=True)
-        if kept["epoch"] > uploaded["epoch"]:
-            return kept
-    return uploaded
+    kept = torch.load(local, map_location="cpu", weights_only=True) if local.is_file() else None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = tracking.download_artifact(run_id, CHECKPOINT_ARTIFACT, Path(tmp))
+            uploaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (PrunecxrError, OSError, RuntimeError):
+        if kept is None:
+            raise
+        return kept
+    return kept if kept is not None and kept["epoch"] > uploaded["epoch"] else uploaded
 
 
 class Checkpoints:
@@ -345,7 +347,9 @@ class Checkpoints:
 
     def __init__(self, run_id: str, config: TrainConfig):
         self.path = Path(config.cache_dir) / "checkpoints" / run_id / "last.pt"
-        self.config, self.uploaded_at, self.pending = config, time.monotonic(), False
+        self.config, self.uploaded_at = config, time.monotonic()
+        # A resumed run's local checkpoint may be newer than its upload (it died before it).
+        self.pending = self.path.is_file()
         tracking.set_run_tags(run_id, {LOCAL_CHECKPOINT_TAG: str(self.path.resolve())})
 
     def after_epoch(self, state: TrainState) -> None:

@@ -292,6 +292,36 @@ def test_checkpoints_are_kept_here_every_epoch_and_uploaded_on_improvement(
 
         assert uploaded_epoch() == 1
         assert fetch_checkpoint(run_id)["epoch"] == 2  # resume takes the newer local one
-        keeper.upload_last()
+        # The process dies here; a resume with no epoch left to train still uploads epoch 2.
+        Checkpoints(run_id, config).upload_last()
         assert uploaded_epoch() == 2
         assert not list((cache_dir / "checkpoints").rglob("*.pt"))  # uploaded: local copy gone
+
+
+def test_fused_adam_resumes_across_memory_layouts():
+    """A checkpoint of a channels_last run (a GPU) resumed in the standard layout (a CPU): the
+    fused Adam step equals the plain per-tensor one, moments in the other layout or not."""
+    import copy
+
+    from prunecxr.models import create_model
+
+    def resumed_step(state: dict, **adam) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = create_model("resnet18", 4)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, **adam)
+        optimizer.load_state_dict(copy.deepcopy(state))
+        torch.manual_seed(1)
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        optimizer.step()
+        return [p.detach() for p in model.parameters()]
+
+    torch.manual_seed(0)
+    gpu_like = create_model("resnet18", 4).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(gpu_like.parameters(), lr=1e-3, fused=True)
+    gpu_like(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    checkpoint = copy.deepcopy(optimizer.state_dict())
+    for fused, plain in zip(
+        resumed_step(checkpoint, fused=True), resumed_step(checkpoint, foreach=False)
+    ):
+        torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-7)
