@@ -39,10 +39,6 @@ class DeviceImages:
     def __len__(self) -> int:
         return len(self.host)
 
-    @property
-    def image_size(self) -> int:
-        return self.host.shape[-1]
-
     def batch(
         self, index: torch.Tensor, host_index: np.ndarray
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -119,6 +119,19 @@ def resolve_runtime(
     )
 
 
+def runtime_of(settings, *, for_analysis: bool = False) -> Runtime:
+    """resolve_runtime of settings that carry device, channels_last, precision, compile and
+    resident_data (a TrainConfig, a sweep's CellSettings)."""
+    return resolve_runtime(
+        settings.device,
+        settings.channels_last,
+        settings.precision,
+        settings.compile,
+        settings.resident_data,
+        for_analysis=for_analysis,
+    )
+
+
 @contextlib.contextmanager
 def _strict_fp32() -> Iterator[None]:
     """No TF32 (10-bit mantissa) in CUDA convolutions and matmuls while inside."""

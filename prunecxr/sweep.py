@@ -32,7 +32,7 @@ from prunecxr.evaluate import (
     summarize,
 )
 from prunecxr.pruning import count_macs, count_prunable, nonzero_parameters, prune_model
-from prunecxr.runtime import Runtime, resolve_runtime, standard_layout
+from prunecxr.runtime import Runtime, runtime_of, standard_layout
 from prunecxr.sources import DataSettings, ModelSource, check_distinct_seeds
 from prunecxr.train import Finetune, TrainConfig
 
@@ -233,21 +233,10 @@ def run_cell(
 ) -> str:
     """Prune a copy of the source model, evaluate it on `test`, log one prune run (nested under
     the active run if any). Returns the prune run's id."""
-    runtime = cell_runtime(settings)
+    runtime = runtime_of(settings, for_analysis=True)
     cells = SourceCells(source, DeviceImages.of(test, runtime), runtime, settings, finetune)
     result = cells.compute(method, sparsity)
     return log_cell(source, method, sparsity, test, settings, finetune, runtime, result)
-
-
-def cell_runtime(settings: CellSettings) -> Runtime:
-    return resolve_runtime(
-        settings.device,
-        settings.channels_last,
-        settings.precision,
-        settings.compile,
-        settings.resident_data,
-        for_analysis=True,
-    )
 
 
 def log_cell(
@@ -268,10 +257,7 @@ def log_cell(
         tracking.set_tags({CELL_TAG: cell_key(source, method, sparsity)})
         tracking.log_params(_cell_params(source, method, sparsity, finetune, settings))
         tracking.log_resolved(runtime.describe())
-        label_file = Path(source.data.label_dir) / get_schema(source.data.dataset).label_file(
-            "test"
-        )
-        tracking.log_label_file(label_file, source.data.dataset, "test")
+        tracking.log_label_file(source.data.label_dir, source.data.dataset, "test")
         metrics = per_class_metrics(result.probs, test.labels, classes)
         tracking.log_metrics({**summarize(metrics, "test"), **result.measures})
         tracking.log_table(metrics, "per_class_metrics.csv")
@@ -373,7 +359,7 @@ def _sweep_params(sources, methods, sparsities, finetune: Finetune) -> dict:
 def _run_cells(cells: list, settings: CellSettings, finetune: Finetune, sweep_id: str) -> None:
     """Cells in order, one source model at a time; each cell's run is logged by a background
     thread while the next cell computes (MLflow calls and file writes off the device's path)."""
-    runtime = cell_runtime(settings)
+    runtime = runtime_of(settings, for_analysis=True)
     tests: dict[DataSettings, tuple[SplitData, DeviceImages]] = {}
     prepared: SourceCells | None = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-cell") as logger:

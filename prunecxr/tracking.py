@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from prunecxr import PrunecxrError
+from prunecxr.data.schemas import get_schema
 
 log = logging.getLogger(__name__)
 STAGE_TAG = "prunecxr.stage"
@@ -186,12 +187,13 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics(metrics, step=step)
 
 
-def log_label_file(path: Path, dataset: str, split: str) -> None:
-    """Record a label file as the run's input (the UI's Dataset column): named
+def log_label_file(label_dir: str | Path, dataset: str, split: str) -> None:
+    """Record a split's label file as the run's input (the UI's Dataset column): named
     `<dataset>-<split>`, its source the file, its digest the file's SHA-256 (first 16 hex)."""
-    frame, digest = _label_file(Path(path).resolve(), Path(path).stat().st_mtime_ns)
+    path = (Path(label_dir) / get_schema(dataset).label_file(split)).resolve()
+    frame, digest = _label_file(path, path.stat().st_mtime_ns)
     data = mlflow.data.from_pandas(
-        frame, source=str(Path(path).resolve()), name=f"{dataset}-{split}", digest=digest
+        frame, source=str(path), name=f"{dataset}-{split}", digest=digest
     )
     mlflow.log_input(data, context=split)
 

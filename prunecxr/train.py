@@ -31,7 +31,7 @@ from prunecxr.evaluate import (
     summarize,
 )
 from prunecxr.models import create_model
-from prunecxr.runtime import Runtime, portable_state_dict, resolve_runtime
+from prunecxr.runtime import Runtime, portable_state_dict, runtime_of
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/last.pt"
@@ -259,17 +259,6 @@ def resume_training(run_id: str, **overrides) -> str:
     return _train(config, checkpoint=checkpoint, run_id=run_id)
 
 
-def training_runtime(config: TrainConfig, for_analysis: bool = False) -> Runtime:
-    return resolve_runtime(
-        config.device,
-        config.channels_last,
-        config.precision,
-        config.compile,
-        config.resident_data,
-        for_analysis=for_analysis,
-    )
-
-
 def _training_done(checkpoint: dict, config: TrainConfig) -> bool:
     return (
         checkpoint["epochs_since_best"] >= config.patience
@@ -279,7 +268,7 @@ def _training_done(checkpoint: dict, config: TrainConfig) -> bool:
 
 def _train(config: TrainConfig, checkpoint: dict | None, run_id: str | None) -> str:
     classes = get_schema(config.dataset).classes
-    runtime = training_runtime(config)
+    runtime = runtime_of(config)
     if checkpoint:
         state = restore_state(checkpoint, config, len(classes), runtime)
     else:
@@ -298,13 +287,12 @@ def _train(config: TrainConfig, checkpoint: dict | None, run_id: str | None) -> 
             tracking.log_params(dataclasses.asdict(config))
             tracking.log_resolved(runtime.describe())
             for split in ("train", "val", "test"):
-                label_file = Path(config.label_dir) / get_schema(config.dataset).label_file(split)
-                tracking.log_label_file(label_file, config.dataset, split)
+                tracking.log_label_file(config.label_dir, config.dataset, split)
         checkpoints = Checkpoints(active_id, config)
         fit(state, config, splits, runtime, checkpoints.after_epoch)
         checkpoints.upload_last()
         # Test predictions are analysis-grade: fp32 unless bf16 was asked for explicitly.
-        test_runtime = training_runtime(config, for_analysis=True)
+        test_runtime = runtime_of(config, for_analysis=True)
         _log_final(state, config, splits["test"], test_runtime)
     return active_id
 
