@@ -16,6 +16,8 @@ from prunecxr.cli_settings import (
     checkpoint_seeds,
     data_options,
     dataset_option,
+    executor_options,
+    executor_settings,
     experiment_option,
     finetune_settings,
     given_on_command_line,
@@ -80,11 +82,28 @@ def synth(dataset, out, n_train, n_val, n_test, size, seed, overwrite) -> None:
     metavar="RUN_ID",
     help="Continue this train run with its own settings; options you type override them.",
 )
-def train(resume_run_id, experiment, **settings) -> None:
+@click.option(
+    "--seeds",
+    type=int,
+    help="Train seeds 0..N-1, one train run each (with --executor ray, in parallel).",
+)
+@executor_options
+def train(resume_run_id, experiment, seeds, **settings) -> None:
     """Train one model (one seed) and log it as an MLflow train run."""
     from prunecxr import tracking
-    from prunecxr.train import resume_training, run_training
+    from prunecxr.train import resume_training, run_training, train_seeds
 
+    executor = executor_settings(settings)
+    if seeds is not None:
+        if resume_run_id or "seed" in given_on_command_line(settings):
+            raise PrunecxrError("--seeds N trains seeds 0..N-1: drop --seed and --resume")
+        if seeds < 1:
+            raise PrunecxrError(f"--seeds must be >= 1, not {seeds}")
+        tracking.use_experiment(experiment)
+        config = train_config(**settings)
+        for seed, run_id in enumerate(train_seeds(config, list(range(seeds)), executor)):
+            click.echo(f"train run {run_id} (seed {seed}): model at runs:/{run_id}/model")
+        return
     if resume_run_id:
         typed_experiment = given_on_command_line({"experiment": experiment})
         tracking.use_run_experiment(resume_run_id, typed_experiment.get("experiment"))
@@ -118,12 +137,14 @@ def train(resume_run_id, experiment, **settings) -> None:
 )
 @runtime_options
 @experiment_option
+@executor_options
 def study(demo_dir, demo_seed, seeds, methods, sparsities, experiment, **settings) -> None:
     """The whole pipeline as nested MLflow runs; with no --data-dir, the synthetic demo."""
     from prunecxr import tracking
     from prunecxr.study import StudyConfig, demo_config, ensure_demo_data, run_study
     from prunecxr.sweep import parse_sparsities
 
+    executor = executor_settings(settings)
     tracking.use_experiment(experiment)
     if settings["data_dir"] is None:
         ensure_demo_data(demo_dir, settings["dataset"], demo_seed)
@@ -140,7 +161,7 @@ def study(demo_dir, demo_seed, seeds, methods, sparsities, experiment, **setting
         config = dataclasses.replace(config, methods=tuple(parse_methods(methods)))
     if sparsities is not None:
         config = dataclasses.replace(config, sparsities=tuple(parse_sparsities(sparsities)))
-    study_id = run_study(config)
+    study_id = run_study(config, executor)
     click.echo(f"study run {study_id}; see it with: {tracking.where_to_browse(study_id)}")
 
 
@@ -212,12 +233,14 @@ def prune(model_uri, method, sparsity, log_model, seed, experiment, **settings) 
     "[default: from the original layout <dir>_seed-<s>/chkpt.pt].",
 )
 @source_options
+@executor_options
 def sweep(model_uris, methods, sparsities, log_models, seeds, experiment, **settings) -> None:
     """Every model x method x sparsity as nested prune runs under one sweep run."""
     from prunecxr import tracking
     from prunecxr.sources import default_model_uri
     from prunecxr.sweep import parse_sparsities, run_sweep
 
+    executor = executor_settings(settings)
     tracking.use_experiment(experiment)
     method_list = parse_methods(methods)
     uris = [u for given in model_uris for u in given.split(",") if u] or [default_model_uri()]
@@ -231,6 +254,7 @@ def sweep(model_uris, methods, sparsities, log_models, seeds, experiment, **sett
         parse_sparsities(sparsities),
         cell_settings(settings, log_models),
         finetune_settings(settings),
+        executor,
     )
     click.echo(f"sweep run {sweep_id}")
 
@@ -298,3 +322,4 @@ def _show_progress_notes() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        logger.propagate = False  # Ray and MLflow may give the root logger a handler too

@@ -135,6 +135,56 @@ source_options = stack_options(
     experiment_option,
 )
 
+# Where independent jobs (seeds, batches of sweep cells) run.
+executor_options = stack_options(
+    click.option(
+        "--executor",
+        type=click.Choice(["local", "ray"]),
+        default="local",
+        show_default=True,
+        help="Run seeds and sweep cells in this process, or as Ray tasks on a cluster.",
+    ),
+    click.option(
+        "--ray-address",
+        help="Ray cluster to use [default: $RAY_ADDRESS, else a local Ray instance].",
+    ),
+    click.option(
+        "--cpus-per-task", default=1.0, show_default=True, help="CPUs a Ray task reserves."
+    ),
+    click.option(
+        "--gpus-per-task",
+        default=0.0,
+        show_default=True,
+        help="GPUs a Ray task reserves; fractions let several tasks share a GPU.",
+    ),
+    click.option(
+        "--max-retries",
+        default=2,
+        show_default=True,
+        help="Further attempts of a failed seed or cell (a lost node's work is retried too).",
+    ),
+    click.option(
+        "--cells-per-task",
+        default=8,
+        show_default=True,
+        help="Sweep cells per Ray task (one model and test set loaded per task).",
+    ),
+)
+
+
+def executor_settings(settings: dict):
+    """Pops the executor options from `settings` -> Executor."""
+    from prunecxr.executor import Executor
+
+    return Executor(
+        kind=settings.pop("executor"),
+        address=settings.pop("ray_address"),
+        cpus_per_task=settings.pop("cpus_per_task"),
+        gpus_per_task=settings.pop("gpus_per_task"),
+        max_retries=settings.pop("max_retries"),
+        cells_per_task=settings.pop("cells_per_task"),
+    )
+
 
 def cache_override(cache_dir: Path | None) -> dict:
     return {"cache_dir": str(cache_dir)} if cache_dir else {}

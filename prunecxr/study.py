@@ -15,6 +15,7 @@ from prunecxr import PrunecxrError, ownership, tracking
 from prunecxr.analysis.stage import analyze_sweep
 from prunecxr.data import SPLITS, get_schema
 from prunecxr.data.synthetic import read_marker, write_synthetic
+from prunecxr.executor import Executor, WorkerContext, check_readable
 from prunecxr.sources import load_source
 from prunecxr.sweep import SWEEP_KEY_TAG, CellSettings, run_sweep, sweep_key
 from prunecxr.train import (
@@ -103,7 +104,7 @@ def study_key(config: StudyConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_study(config: StudyConfig) -> str:
+def run_study(config: StudyConfig, executor: Executor = Executor()) -> str:
     """study -> train (one nested run per seed) -> sweep -> analyze, all nested. An unfinished
     study of the same settings is continued: finished train runs are reused, unfinished ones
     resumed from their checkpoints, the sweep skips finished cells, analysis runs once."""
@@ -117,8 +118,13 @@ def run_study(config: StudyConfig) -> str:
             if resume_id is None:
                 tracking.set_tags({STUDY_KEY_TAG: key})
                 tracking.log_params(_study_params(config))
-            train_ids = [_train_seed(study_id, config.train, seed) for seed in config.seeds]
-            sweep_id = _sweep(study_id, config, train_ids)
+            context = WorkerContext.here()
+            train_ids = executor.run_all(
+                _train_seed,
+                [(context, study_id, config.train, seed) for seed in config.seeds],
+                [f"seed {seed}" for seed in config.seeds],
+            )
+            sweep_id = _sweep(study_id, config, train_ids, executor)
             if not tracking.finished_children(study_id, "analyze"):
                 analyze_sweep(sweep_id)
     return study_id
@@ -134,9 +140,11 @@ def _study_params(config: StudyConfig) -> dict:
     }
 
 
-def _train_seed(study_id: str, train: TrainConfig, seed: int) -> str:
-    """The study's train run of `seed`: reused when finished, resumed from its last checkpoint
-    when not, trained when there is none."""
+def _train_seed(context: WorkerContext, study_id: str, train: TrainConfig, seed: int) -> str:
+    """A job: the study's train run of `seed`, reused when finished, resumed from its last
+    checkpoint when not, trained when there is none."""
+    context.enter()
+    check_readable(train.data_dir, train.label_dir)
     config = dataclasses.replace(train, seed=seed)
     for run_id, status, settings in tracking.children(study_id, "train"):
         if settings.get("seed") != str(seed):
@@ -146,10 +154,10 @@ def _train_seed(study_id: str, train: TrainConfig, seed: int) -> str:
         if tracking.has_artifact(run_id, CHECKPOINT_ARTIFACT):
             runtime = {field: getattr(config, field) for field in RUNTIME_FIELDS}
             return resume_training(run_id, **runtime)
-    return run_training(config)
+    return run_training(config, parent_run_id=study_id)
 
 
-def _sweep(study_id: str, config: StudyConfig, train_ids: list[str]) -> str:
+def _sweep(study_id: str, config: StudyConfig, train_ids: list[str], executor: Executor) -> str:
     """The study's finished sweep if it has one, else the sweep run (new or continued)."""
     sources = [load_source(f"runs:/{run_id}/model") for run_id in train_ids]
     methods, sparsities = list(config.methods), list(config.sparsities)
@@ -157,4 +165,5 @@ def _sweep(study_id: str, config: StudyConfig, train_ids: list[str]) -> str:
     finished = tracking.finished_child_ids_by_tag(study_id, "sweep", SWEEP_KEY_TAG)
     if key in finished:
         return finished[key]
-    return run_sweep(sources, methods, sparsities, CellSettings.like_training(config.train))
+    settings = CellSettings.like_training(config.train)
+    return run_sweep(sources, methods, sparsities, settings, executor=executor)

@@ -10,7 +10,7 @@ import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,13 @@ from prunecxr.evaluate import (
     predictions_frame,
     sigmoid,
     summarize,
+)
+from prunecxr.executor import (
+    Executor,
+    WorkerContext,
+    check_readable,
+    describe_error,
+    is_final,
 )
 from prunecxr.pruning import count_macs, count_prunable, nonzero_parameters, prune_model
 from prunecxr.runtime import Runtime, runtime_of, standard_layout
@@ -319,10 +326,13 @@ def run_sweep(
     sparsities: list[float],
     settings: CellSettings,
     finetune: Finetune = Finetune(),
+    executor: Executor = Executor(),
 ) -> str:
     """Every (model, method, sparsity) cell as a nested prune run under one sweep run. A sweep
     with the same models, methods and sparsities that did not finish is continued: its finished
-    cells are skipped (while its process is alive, a second one is refused). Returns the sweep
+    cells are skipped (while its process is alive, a second one is refused). Cells that fail
+    are retried (executor.max_retries); those that fail every time end as FAILED prune runs
+    with their error, and the sweep then fails after all others are done. Returns the sweep
     run's id."""
     check_distinct_seeds(sources)
     key = sweep_key(sources, methods, sparsities)
@@ -342,7 +352,7 @@ def run_sweep(
             todo = [cell for cell in cells if cell_key(*cell) not in done]
             if resume_id:
                 log.info("%d of %d cells were done", len(cells) - len(todo), len(cells))
-            _run_cells(todo, settings, finetune, sweep_id)
+            _run_with_retries(todo, settings, finetune, sweep_id, executor).check(sweep_id)
     return sweep_id
 
 
@@ -356,34 +366,146 @@ def _sweep_params(sources, methods, sparsities, finetune: Finetune) -> dict:
     }
 
 
-def _run_cells(cells: list, settings: CellSettings, finetune: Finetune, sweep_id: str) -> None:
+@dataclass
+class CellsOutcome:
+    """What a batch of cells left undone: {cell key: error} (the others are logged), and which
+    of those errors are the user's to fix (retrying cannot help)."""
+
+    errors: dict[str, str] = field(default_factory=dict)
+    final: set[str] = field(default_factory=set)
+
+    def add(self, key: str, error: BaseException) -> None:
+        self.errors[key] = describe_error(error)
+        if is_final(error):
+            self.final.add(key)
+
+
+@dataclass
+class SweepSummary:
+    done: int
+    retried: int  # done, but not at the first attempt
+    failed: dict[str, str]  # cell key -> its last error
+
+    def check(self, sweep_id: str) -> None:
+        """Says how the sweep went; a sweep with failed cells fails (non-zero exit)."""
+        line = f"{self.done} cells done ({self.retried} after a retry), {len(self.failed)} failed"
+        if not self.failed:
+            log.info("sweep %s: %s", sweep_id, line)
+            return
+        key, error = next(iter(self.failed.items()))
+        raise PrunecxrError(
+            f"sweep {sweep_id}: {line}; first: {key}: {error}. Each failed cell is a FAILED "
+            f"prune run with its error; run the same command again to retry them"
+        )
+
+
+def _run_with_retries(
+    cells: list, settings: CellSettings, finetune: Finetune, sweep_id: str, executor: Executor
+) -> SweepSummary:
+    """Batches of cells as executor jobs, in rounds: after each round, the cells MLflow does not
+    hold as finished (their job failed, or its worker or node was lost) are run again, up to
+    executor.max_retries times; finished cells are never run twice."""
+    context, outcome, retried, todo = WorkerContext.here(), CellsOutcome(), 0, cells
+    given_up: list = []  # cells whose error retrying cannot fix
+    for attempt in range(executor.max_retries + 1):
+        if attempt:
+            log.info("retrying %d cells (retry %d of %d)", len(todo), attempt, executor.max_retries)
+        jobs = [
+            (context, source, batch, settings, finetune, sweep_id)
+            for source, batch in _cell_batches(todo, executor)
+        ]
+        for index, result in executor.map(run_cell_batch, jobs):
+            if isinstance(result, BaseException):  # the whole job failed or was lost
+                source, batch = jobs[index][1], jobs[index][2]
+                for method, sparsity in batch:
+                    outcome.add(cell_key(source, method, sparsity), result)
+            else:
+                outcome.errors.update(result.errors)
+                outcome.final |= result.final
+        done = tracking.finished_child_ids_by_tag(sweep_id, "prune", CELL_TAG)
+        retried += attempt > 0 and sum(cell_key(*cell) in done for cell in todo)
+        todo = [cell for cell in todo if cell_key(*cell) not in done]
+        given_up += [cell for cell in todo if cell_key(*cell) in outcome.final]
+        todo = [cell for cell in todo if cell_key(*cell) not in outcome.final]
+        if not todo:
+            break
+    todo = given_up + todo
+    done_count = len(cells) - len(todo)
+    failed = {cell_key(*cell): outcome.errors.get(cell_key(*cell), "?") for cell in todo}
+    for source, method, sparsity in todo:
+        key = cell_key(source, method, sparsity)
+        name = f"prune-{method}-{sparsity:g}-seed{source.seed}"
+        tracking.log_failed_run("prune", sweep_id, name, {CELL_TAG: key}, failed[key])
+    return SweepSummary(done_count, int(retried), failed)
+
+
+def _cell_batches(cells: list, executor: Executor) -> list[tuple[ModelSource, list]]:
+    """(source, [(method, sparsity), ...]) per job: a source's cells together (its model and
+    test images are loaded once per job); on Ray, at most executor.cells_per_task per job so
+    that the cells of one model spread over the cluster."""
+    by_source: dict[str, tuple[ModelSource, list]] = {}
+    for source, method, sparsity in cells:
+        by_source.setdefault(source.key, (source, []))[1].append((method, sparsity))
+    size = executor.cells_per_task if executor.kind == "ray" else len(cells)
+    return [
+        (source, batch[i : i + size])
+        for source, batch in by_source.values()
+        for i in range(0, len(batch), max(size, 1))
+    ]
+
+
+def run_cell_batch(
+    context: WorkerContext,
+    source: ModelSource,
+    batch: list[tuple[str, float]],
+    settings: CellSettings,
+    finetune: Finetune,
+    sweep_id: str,
+) -> CellsOutcome:
+    """One job: cells of one source model, in this process or a worker's. Cells already
+    finished (by an earlier attempt) are skipped; runs an earlier attempt left RUNNING for
+    these cells (its worker died) are marked KILLED."""
+    context.enter()
+    check_readable(source.data.data_dir, source.data.label_dir)
+    mine = {cell_key(source, method, sparsity) for method, sparsity in batch}
+    tracking.end_unfinished_children(
+        sweep_id, still_alive=lambda run: run.data.tags.get(CELL_TAG) not in mine
+    )
+    done = tracking.finished_child_ids_by_tag(sweep_id, "prune", CELL_TAG)
+    todo = [(source, m, k) for m, k in batch if cell_key(source, m, k) not in done]
+    return _run_cells(todo, settings, finetune, sweep_id)
+
+
+def _run_cells(
+    cells: list, settings: CellSettings, finetune: Finetune, sweep_id: str
+) -> CellsOutcome:
     """Cells in order, one source model at a time; each cell's run is logged by a background
-    thread while the next cell computes (MLflow calls and file writes off the device's path)."""
+    thread while the next cell computes (MLflow calls and file writes off the device's path).
+    A cell that fails is reported in the outcome; the others go on."""
     runtime = runtime_of(settings, for_analysis=True)
     tests: dict[DataSettings, tuple[SplitData, DeviceImages]] = {}
     prepared: SourceCells | None = None
+    outcome = CellsOutcome()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-cell") as logger:
-        pending = []
+        logging_jobs = {}
         for source, method, sparsity in tqdm(cells, desc="sweep", unit="cell"):
-            if source.data not in tests:
-                split = load_test_split(source.data, settings.num_workers)
-                tests[source.data] = split, DeviceImages.of(split, runtime)
-            split, on_device = tests[source.data]
-            if prepared is None or prepared.source is not source:
-                prepared = SourceCells(source, on_device, runtime, settings, finetune)
-            result = prepared.compute(method, sparsity)
+            try:
+                if source.data not in tests:
+                    split = load_test_split(source.data, settings.num_workers)
+                    tests[source.data] = split, DeviceImages.of(split, runtime)
+                split, on_device = tests[source.data]
+                if prepared is None or prepared.source is not source:
+                    prepared = SourceCells(source, on_device, runtime, settings, finetune)
+                result = prepared.compute(method, sparsity)
+            except Exception as error:
+                outcome.add(cell_key(source, method, sparsity), error)
+                continue
             args = (source, method, sparsity, split, settings, finetune, runtime, result, sweep_id)
-            pending.append(logger.submit(log_cell, *args))
-            _raise_failed(pending)
-        for job in pending:
-            job.result()
-
-
-def _raise_failed(jobs: list) -> None:
-    """A cell whose logging failed stops the sweep now, not after every other cell."""
-    for job in [j for j in jobs if j.done()]:
-        job.result()
-        jobs.remove(job)
+            logging_jobs[cell_key(source, method, sparsity)] = logger.submit(log_cell, *args)
+        for key, job in logging_jobs.items():
+            if job.exception() is not None:
+                outcome.add(key, job.exception())
+    return outcome
 
 
 def parse_sparsities(text: str) -> list[float]:

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 STAGE_TAG = "prunecxr.stage"
 CONTINUED_TAG = "prunecxr.continued_run"  # on a run `mlflow run` made for continuing another
 STAGES = ("study", "train", "sweep", "prune", "analyze")
+ERROR_TAG = "prunecxr.error"  # why a run failed, on runs a failed job could not log itself
 
 
 def quiet_logs() -> None:
@@ -99,10 +100,51 @@ def _check_local_store_writable() -> None:
             raise PrunecxrError(f"cannot write the MLflow store {uri}: {folder} is not writable")
 
 
-def _current_experiment_id() -> str:
+def current_experiment_id() -> str:
     if _experiment_id is None:
         raise RuntimeError("tracking.use_experiment() must be called first")
     return _experiment_id
+
+
+def absolute_tracking_uri() -> str:
+    """The tracking URI with a relative store path made absolute (for processes started
+    elsewhere: Ray workers, another working directory)."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    return uri
+
+
+def is_current(uri: str, experiment_id: str) -> bool:
+    return _experiment_id == experiment_id and absolute_tracking_uri() == uri
+
+
+def use_tracking(uri: str, experiment_id: str) -> None:
+    """Log to `uri`, experiment `experiment_id` (a worker process joining the driver's runs)."""
+    global _experiment_id, _lookup_ids
+    mlflow.set_tracking_uri(uri)
+    _experiment_id = mlflow.set_experiment(experiment_id=experiment_id).experiment_id
+    _lookup_ids = [_experiment_id]
+
+
+def log_failed_run(
+    stage: str, parent_run_id: str, run_name: str, tags: dict[str, str], error: str
+) -> str:
+    """A FAILED `stage` run under `parent_run_id` that says why (a job that failed every retry
+    before it could log a run of its own)."""
+    client = MlflowClient()
+    experiment_id = get_run(parent_run_id).info.experiment_id
+    all_tags = {
+        **tags,
+        STAGE_TAG: stage,
+        ERROR_TAG: error[:5000],
+        "mlflow.parentRunId": parent_run_id,
+    }
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    client.set_terminated(run.info.run_id, "FAILED")
+    return run.info.run_id
 
 
 @contextlib.contextmanager
@@ -351,7 +393,7 @@ def _search(query: str, experiment_ids: list[str] | None = None) -> list:
     client, runs, token = MlflowClient(), [], None
     while True:
         page = client.search_runs(
-            experiment_ids or [_current_experiment_id()],
+            experiment_ids or [current_experiment_id()],
             query,
             order_by=["attributes.start_time DESC"],
             page_token=token,

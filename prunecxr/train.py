@@ -30,6 +30,7 @@ from prunecxr.evaluate import (
     sigmoid,
     summarize,
 )
+from prunecxr.executor import Executor, WorkerContext, check_readable
 from prunecxr.models import create_model
 from prunecxr.runtime import Runtime, portable_state_dict, runtime_of
 
@@ -211,9 +212,23 @@ def load_splits(config: TrainConfig) -> dict[str, SplitData]:
     }
 
 
-def run_training(config: TrainConfig) -> str:
-    """Train one model as an MLflow `train` run; returns its run id."""
-    return _train(config, checkpoint=None, run_id=None)
+def run_training(config: TrainConfig, parent_run_id: str | None = None) -> str:
+    """Train one model as an MLflow `train` run (nested under `parent_run_id` if given, else
+    under the active run if any); returns its run id."""
+    return _train(config, checkpoint=None, run_id=None, parent_run_id=parent_run_id)
+
+
+def train_seeds(config: TrainConfig, seeds: list[int], executor: Executor) -> list[str]:
+    """One train run per seed, each a job of `executor` (Ray: in parallel); -> run ids."""
+    context = WorkerContext.here()
+    jobs = [(context, dataclasses.replace(config, seed=seed)) for seed in seeds]
+    return executor.run_all(_training_job, jobs, [f"seed {seed}" for seed in seeds])
+
+
+def _training_job(context: WorkerContext, config: TrainConfig) -> str:
+    context.enter()
+    check_readable(config.data_dir, config.label_dir)
+    return run_training(config)
 
 
 # Where and how fast a training runs: may change when it is resumed (or its study continued).
@@ -266,7 +281,12 @@ def _training_done(checkpoint: dict, config: TrainConfig) -> bool:
     )
 
 
-def _train(config: TrainConfig, checkpoint: dict | None, run_id: str | None) -> str:
+def _train(
+    config: TrainConfig,
+    checkpoint: dict | None,
+    run_id: str | None,
+    parent_run_id: str | None = None,
+) -> str:
     classes = get_schema(config.dataset).classes
     runtime = runtime_of(config)
     if checkpoint:
@@ -277,7 +297,11 @@ def _train(config: TrainConfig, checkpoint: dict | None, run_id: str | None) -> 
     run_name = f"train-{config.arch}-seed{config.seed}"
     with (
         tracking.start_run(
-            "train", run_name=run_name, run_id=run_id, system_metrics=True
+            "train",
+            run_name=run_name,
+            run_id=run_id,
+            parent_run_id=parent_run_id,
+            system_metrics=True,
         ) as active_id,
         ownership.owned(active_id),
     ):
