@@ -90,10 +90,26 @@ def synth(dataset, out, n_train, n_val, n_test, size, seed, overwrite) -> None:
 @executor_options
 def train(resume_run_id, experiment, seeds, **settings) -> None:
     """Train one model (one seed) and log it as an MLflow train run."""
-    from prunecxr import tracking
-    from prunecxr.train import resume_training, run_training, train_seeds
+    from prunecxr import distributed, tracking
+    from prunecxr.train import (
+        resume_training,
+        run_distributed_training,
+        run_training,
+        train_seeds,
+    )
 
     executor = executor_settings(settings)
+    if distributed.launched():  # torchrun: this process is one rank of one training
+        if seeds is not None or resume_run_id or executor.kind != "local":
+            raise PrunecxrError(
+                "under torchrun, train trains one model: drop --seeds, --resume and --executor"
+            )
+        if distributed.launched_as_main():  # the other ranks never talk to MLflow
+            tracking.use_experiment(experiment)
+        run_id = run_distributed_training(train_config(**settings))
+        if run_id:
+            click.echo(f"train run {run_id}: model at runs:/{run_id}/model")
+        return
     if seeds is not None:
         if resume_run_id or "seed" in given_on_command_line(settings):
             raise PrunecxrError("--seeds N trains seeds 0..N-1: drop --seed and --resume")

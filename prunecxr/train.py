@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from prunecxr import PrunecxrError, ownership, tracking
+from prunecxr import PrunecxrError, distributed, ownership, tracking
 from prunecxr.data import SplitData, get_schema, load_split
 from prunecxr.data.cache import DEFAULT_CACHE_DIR
 from prunecxr.data.synthetic import read_marker
@@ -133,24 +133,30 @@ def train_one_epoch(
     batches = [np.sort(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
     positions = torch.from_numpy(np.concatenate(batches)).to(runtime.device)
     augmentation = draw_augmentation(len(data), state.generator).to(runtime.device)
+    # Under torchrun each rank takes every world-th image of each global batch; its loss is
+    # scaled so that DDP's gradient average is the gradient of the global batch's mean loss.
+    rank, world = distributed.rank(), distributed.world_size()
     total, seen = torch.zeros((), device=runtime.device), 0
-    bar = tqdm(batches, desc=f"epoch {state.epoch + 1}", leave=False)
+    bar = tqdm(batches, desc=f"epoch {state.epoch + 1}", leave=False, disable=rank > 0)
     for step, index in enumerate(bar):
         span = slice(step * batch_size, step * batch_size + len(index))
-        if len(index) < 2:  # BatchNorm cannot train on a single image
+        if len(index) < max(2, world):  # BatchNorm cannot train on a single image
             continue
-        images, targets = data.batch(positions[span], index)
-        batch = runtime.place_batch(normalize(augment(images.unsqueeze(1), augmentation[span])))
+        mine = slice(rank, None, world)
+        images, targets = data.batch(positions[span][mine], index[mine])
+        batch = normalize(augment(images.unsqueeze(1), augmentation[span][mine]))
         with runtime.autocast():
-            loss = F.binary_cross_entropy_with_logits(forward(batch).float(), targets)
+            logits = forward(runtime.place_batch(batch)).float()
+        summed = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum")
+        loss = summed * (world / targets.shape[1] / len(index))
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
-        total += loss.detach() * len(index)
+        total += loss.detach() * len(index) / world
         seen += len(index)
         if step % LOSS_SHOWN_EVERY == 0:  # reading the loss waits for the device
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    return total.item() / max(seen, 1)
+    return distributed.all_sum(total).item() / max(seen, 1)
 
 
 def evaluate_split(model, data: DeviceImages, classes, runtime, batch_size: int, forward=None):
@@ -165,13 +171,21 @@ def evaluate_split(model, data: DeviceImages, classes, runtime, batch_size: int,
 def fit(state: TrainState, config: TrainConfig, splits: dict, runtime, on_epoch_end) -> None:
     """Epochs until max_epochs or `patience` epochs without a lower val_loss; the best weights
     are kept in `state.best_weights`. on_epoch_end(state) runs after every epoch (checkpoint)."""
-    classes = get_schema(config.dataset).classes
     train, val = DeviceImages.of(splits["train"], runtime), DeviceImages.of(splits["val"], runtime)
-    forward = runtime.compiled(state.model)
+    with distributed.data_parallel(state.model) as trained:
+        forward = runtime.compiled(state.model)
+        train_forward = forward if trained is state.model else runtime.compiled(trained)
+        _fit_epochs(state, config, (train, val), runtime, (train_forward, forward), on_epoch_end)
+
+
+def _fit_epochs(state, config, data, runtime, forwards, on_epoch_end) -> None:
+    classes = get_schema(config.dataset).classes
+    (train, val), (train_forward, forward) = data, forwards
     while state.epoch < config.max_epochs and state.epochs_since_best < config.patience:
         started = time.perf_counter()
-        train_loss = train_one_epoch(state, train, config.batch_size, runtime, forward)
+        train_loss = train_one_epoch(state, train, config.batch_size, runtime, train_forward)
         train_seconds = time.perf_counter() - started
+        # Every rank evaluates the whole validation split: the same model, the same decision.
         val_loss, val_metrics, _ = evaluate_split(
             state.model, val, classes, runtime, config.batch_size, forward
         )
@@ -210,6 +224,21 @@ def load_splits(config: TrainConfig) -> dict[str, SplitData]:
         )
         for split in ("train", "val", "test")
     }
+
+
+def run_distributed_training(config: TrainConfig) -> str | None:
+    """This process's part of a torchrun training: every rank trains in lockstep; rank 0 alone
+    builds the caches and logs the one train run (its id; None on the other ranks)."""
+    with distributed.process_group(config.device):
+        if distributed.rank() == 0:
+            load_splits(config)  # the caches, written once before the other ranks read them
+        distributed.barrier()
+        if distributed.rank() == 0:
+            return run_training(config)
+        runtime = runtime_of(config)
+        state = create_state(config, get_schema(config.dataset).num_classes, runtime)
+        fit(state, config, load_splits(config), runtime, on_epoch_end=lambda state: None)
+        return None
 
 
 def run_training(config: TrainConfig, parent_run_id: str | None = None) -> str:
