@@ -98,17 +98,17 @@ class Executor:
         for index, job in enumerate(jobs):
             args = [_shared_ref(ray, shared, arg) for arg in job]
             pending[remote.remote(*args)] = index
-        bar = tqdm(total=len(jobs), desc=f"{function.__name__} on Ray", unit="task")
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            bar.update()
-            index = pending.pop(ready[0])
-            try:
-                yield index, ray.get(ready[0])
-            except ray.exceptions.RayTaskError as error:
-                yield index, error.as_instanceof_cause()
-            except ray.exceptions.RayError as error:  # worker or node lost
-                yield index, error
+        with tqdm(total=len(jobs), desc=f"{function.__name__} on Ray", unit="task") as bar:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                bar.update()
+                index = pending.pop(ready[0])
+                try:
+                    yield index, ray.get(ready[0])
+                except ray.exceptions.RayTaskError as error:  # the job raised: its own error
+                    yield index, error.cause if error.cause is not None else error
+                except ray.exceptions.RayError as error:  # worker or node lost
+                    yield index, error
 
 
 def _shared_ref(ray, shared: dict, arg):

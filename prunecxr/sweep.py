@@ -106,6 +106,10 @@ def cell_key(source: ModelSource, method: str, sparsity: float) -> str:
     return f"{source.key}|{method}|{sparsity:g}"
 
 
+def cell_run_name(source: ModelSource, method: str, sparsity: float) -> str:
+    return f"prune-{method}-{sparsity:g}-seed{source.seed}"
+
+
 @dataclass
 class CellResult:
     probs: np.ndarray  # (N, C) test probabilities
@@ -259,7 +263,7 @@ def log_cell(
 ) -> str:
     """One prune run with the cell's params, metrics, per-class table and predictions."""
     classes = get_schema(source.data.dataset).classes
-    name = f"prune-{method}-{sparsity:g}-seed{source.seed}"
+    name = cell_run_name(source, method, sparsity)
     with tracking.start_run("prune", run_name=name, parent_run_id=parent_run_id) as run_id:
         tracking.set_tags({CELL_TAG: cell_key(source, method, sparsity)})
         tracking.log_params(_cell_params(source, method, sparsity, finetune, settings))
@@ -423,7 +427,8 @@ def _run_with_retries(
                 outcome.errors.update(result.errors)
                 outcome.final |= result.final
         done = tracking.finished_child_ids_by_tag(sweep_id, "prune", CELL_TAG)
-        retried += attempt > 0 and sum(cell_key(*cell) in done for cell in todo)
+        if attempt:
+            retried += sum(cell_key(*cell) in done for cell in todo)
         todo = [cell for cell in todo if cell_key(*cell) not in done]
         given_up += [cell for cell in todo if cell_key(*cell) in outcome.final]
         todo = [cell for cell in todo if cell_key(*cell) not in outcome.final]
@@ -434,9 +439,15 @@ def _run_with_retries(
     failed = {cell_key(*cell): outcome.errors.get(cell_key(*cell), "?") for cell in todo}
     for source, method, sparsity in todo:
         key = cell_key(source, method, sparsity)
-        name = f"prune-{method}-{sparsity:g}-seed{source.seed}"
-        tracking.log_failed_run("prune", sweep_id, name, {CELL_TAG: key}, failed[key])
-    return SweepSummary(done_count, int(retried), failed)
+        tracking.log_failed_run(
+            "prune",
+            sweep_id,
+            cell_run_name(source, method, sparsity),
+            {CELL_TAG: key},
+            _cell_params(source, method, sparsity, finetune, settings),
+            failed[key],
+        )
+    return SweepSummary(done_count, retried, failed)
 
 
 def _cell_batches(cells: list, executor: Executor) -> list[tuple[ModelSource, list]]:

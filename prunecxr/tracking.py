@@ -19,7 +19,7 @@ import mlflow.data
 import mlflow.pytorch
 import numpy as np
 import pandas as pd
-from mlflow.entities import RunTag
+from mlflow.entities import Param, RunTag
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from torch import nn
@@ -130,10 +130,10 @@ def use_tracking(uri: str, experiment_id: str) -> None:
 
 
 def log_failed_run(
-    stage: str, parent_run_id: str, run_name: str, tags: dict[str, str], error: str
+    stage: str, parent_run_id: str, run_name: str, tags: dict[str, str], params: dict, error: str
 ) -> str:
-    """A FAILED `stage` run under `parent_run_id` that says why (a job that failed every retry
-    before it could log a run of its own)."""
+    """A FAILED `stage` run under `parent_run_id` with its params and why it failed (a job that
+    failed every retry before it could log a run of its own)."""
     client = MlflowClient()
     experiment_id = get_run(parent_run_id).info.experiment_id
     all_tags = {
@@ -143,6 +143,8 @@ def log_failed_run(
         "mlflow.parentRunId": parent_run_id,
     }
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    params = [Param(key, _param_text(value)) for key, value in params.items()]
+    client.log_batch(run.info.run_id, params=params)
     client.set_terminated(run.info.run_id, "FAILED")
     return run.info.run_id
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import shutil
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -12,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from prunecxr import PrunecxrError, tracking
 from prunecxr.data import get_schema, load_split
 from prunecxr.evaluate import predict_logits, sigmoid
+from prunecxr.executor import Executor
 from prunecxr.runtime import resolve_runtime
 from prunecxr.sources import DataSettings, load_source
 from prunecxr.sweep import CELL_TAG, CellSettings, parse_sparsities, run_sweep
@@ -223,3 +227,38 @@ def test_unstructured_cells_share_one_compiled_graph_and_match_a_fresh_copy():
         np.testing.assert_allclose(result.probs, expected, rtol=1e-4, atol=1e-5)
         assert result.measures["achieved_sparsity"] == pytest.approx(sparsity, abs=0.01)
         assert result.measures["throughput_images_per_s"] > 0
+
+
+def test_cells_that_fail_are_failed_runs_with_their_error_and_the_others_finish(
+    tiny_nih, cache_dir, mlflow_store, tmp_path
+):
+    tracking.use_experiment("prunecxr")
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_nih, moved)
+    runs = [
+        run_training(tiny_config(tiny_nih, cache_dir, max_epochs=1)),
+        run_training(tiny_config(moved, tmp_path / "cache-moved", max_epochs=1, seed=1)),
+    ]
+    sources = [load_source(f"runs:/{run_id}/model") for run_id in runs]
+    shutil.rmtree(moved)  # the second model's test data is gone (e.g. a disk not mounted)
+    shutil.rmtree(tmp_path / "cache-moved")
+    settings = CellSettings(device="cpu", batch_size=64)
+    sweep = functools.partial(
+        run_sweep, sources, ["l1"], [0.0, 0.5, 0.9], settings, executor=Executor(max_retries=1)
+    )
+    with pytest.raises(PrunecxrError, match=r"3 cells done \(0 after a retry\), 3 failed"):
+        sweep()
+    (sweep_id,) = mlflow.search_runs(
+        experiment_names=["prunecxr"], filter_string="tags.`prunecxr.stage` = 'sweep'"
+    ).run_id
+    children = _children(sweep_id)
+    failed = children[children.status == "FAILED"]
+    assert sorted(failed["params.seed"]) == ["1", "1", "1"]
+    assert failed["tags.prunecxr.error"].str.contains(f"cannot read {moved}").all()
+    assert set(children[children.status == "FINISHED"]["params.seed"]) == {"0"}
+    assert MlflowClient().get_run(sweep_id).info.status == "FAILED"
+
+    shutil.copytree(tiny_nih, moved)  # the data is back: the same command continues
+    assert sweep() == sweep_id
+    finished = _children(sweep_id).query("status == 'FINISHED'")
+    assert len(finished) == 6 and finished[f"tags.{CELL_TAG}"].nunique() == 6
