@@ -74,7 +74,9 @@ def original_way(checkpoint: Path, paths, args, device) -> tuple[float, list[np.
     return time.perf_counter() - started, outputs
 
 
-def prunecxr_way(checkpoint: Path, data_dir: Path, args, runtime) -> tuple[float, list[np.ndarray]]:
+def prunecxr_way(
+    checkpoint: Path, data_dir: Path, cache_dir: Path, args, runtime
+) -> tuple[float, list[np.ndarray]]:
     started, outputs = time.perf_counter(), []
     test = load_split(
         SCHEMA,
@@ -82,7 +84,7 @@ def prunecxr_way(checkpoint: Path, data_dir: Path, args, runtime) -> tuple[float
         data_dir,
         "test",
         args.image_size,
-        cache_dir=data_dir / "cache",
+        cache_dir=cache_dir,
         num_workers=args.workers,
     )
     images = np.array(test.images)
@@ -102,12 +104,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def prepare(args) -> tuple[Path, Path, list[Path]]:
-    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="prunecxr-bench-"))
-    if not (data_dir / SCHEMA.label_file("test")).exists():
+def prepare(args, scratch: Path) -> tuple[Path, Path, list[Path]]:
+    """The data (--data-dir, only read; else generated in `scratch`) and a checkpoint in
+    `scratch`: the benchmark writes nowhere else."""
+    data_dir = Path(args.data_dir) if args.data_dir else scratch / "data"
+    if not args.data_dir:
         sizes = {"train": 8, "val": 8, "test": args.n_images}
         write_synthetic(SCHEMA, data_dir, sizes, image_size=args.source_size, seed=0)
-    checkpoint = data_dir / "chkpt.pt"
+    elif not (data_dir / SCHEMA.label_file("test")).exists():
+        raise SystemExit(f"error: {data_dir} holds no {SCHEMA.label_file('test')}")
+    checkpoint = scratch / "chkpt.pt"
     torch.manual_seed(0)
     torch.save({"weights": create_model(args.arch, SCHEMA.num_classes).state_dict()}, checkpoint)
     test = read_labels(SCHEMA, data_dir, "test")
@@ -126,16 +132,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader / cache workers")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--data-dir", help="reuse a folder (its images are generated once)")
+    parser.add_argument(
+        "--data-dir", help="read the test images here (only read) instead of generating them"
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     runtime = resolve_runtime(args.device, for_analysis=True)  # as a sweep cell: fp32
     device = runtime.device
-    data_dir, checkpoint, paths = prepare(args)
-    for cached in (data_dir / "cache").glob("*.npy"):
-        cached.unlink()  # our way pays for building its cache in the timed run
-    original_s, original = original_way(checkpoint, paths, args, device)
-    ours_s, ours = prunecxr_way(checkpoint, data_dir, args, runtime)
+    with tempfile.TemporaryDirectory(prefix="prunecxr-bench-") as scratch:
+        data_dir, checkpoint, paths = prepare(args, Path(scratch))
+        original_s, original = original_way(checkpoint, paths, args, device)
+        # Our way pays for building its cache (a fresh one in the scratch folder) in the run.
+        ours_s, ours = prunecxr_way(checkpoint, data_dir, Path(scratch) / "cache", args, runtime)
     evaluated = len(paths) * len(args.sparsities)
     result = {
         "device": torch.cuda.get_device_name()

@@ -186,6 +186,12 @@ def executor_settings(settings: dict):
     )
 
 
+def default_cache_dir() -> str:
+    from prunecxr.data.cache import DEFAULT_CACHE_DIR
+
+    return str(DEFAULT_CACHE_DIR)
+
+
 def cache_override(cache_dir: Path | None) -> dict:
     return {"cache_dir": str(cache_dir)} if cache_dir else {}
 

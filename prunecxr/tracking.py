@@ -19,6 +19,7 @@ import mlflow.data
 import mlflow.pytorch
 import numpy as np
 import pandas as pd
+import requests
 from mlflow.entities import Param, RunTag
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
@@ -45,6 +46,7 @@ def quiet_logs() -> None:
     )
 
 
+SERVER_CHECK_SECONDS = 10  # a tracking server that does not answer /health within this is down
 DEFAULT_EXPERIMENT_ID = "0"  # MLflow's "Default": where `mlflow run` puts runs unless told
 _experiment_id: str | None = None  # set by use_experiment; where new runs are created
 _lookup_ids: list[str] = []  # where default sources (newest train run, sweep) are looked for
@@ -56,7 +58,7 @@ def use_experiment(name: str) -> None:
     MLflow's Default experiment; sources are then looked for there and in `name` too, so that
     `mlflow run . -e prune` right after `prunecxr study` prunes the study's model."""
     global _experiment_id, _lookup_ids
-    _check_local_store_writable()
+    _check_store()
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if not run_id:
         _experiment_id = mlflow.set_experiment(name).experiment_id
@@ -73,7 +75,7 @@ def use_run_experiment(run_id: str, typed_name: str | None = None) -> None:
     """Continue `run_id` in the experiment it belongs to (a run cannot move); a typed
     experiment name that is another experiment is an error."""
     global _experiment_id, _lookup_ids
-    _check_local_store_writable()
+    _check_store()
     if os.environ.get("MLFLOW_RUN_ID"):
         raise PrunecxrError(
             f"--resume continues run {run_id} by itself, not inside `mlflow run`: "
@@ -90,10 +92,19 @@ def use_run_experiment(run_id: str, typed_name: str | None = None) -> None:
     _lookup_ids = [_experiment_id]
 
 
-def _check_local_store_writable() -> None:
-    """A clear error instead of SQLite's "unable to open database file" (e.g. a root-owned
-    folder mounted into the container as the store's folder)."""
+def _check_store() -> None:
+    """Before any work: a clear error instead of SQLite's "unable to open database file" (e.g.
+    a root-owned folder mounted into the container as the store's folder), or instead of
+    minutes of MLflow's retries against a tracking server that is not there."""
     uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=SERVER_CHECK_SECONDS)
+        except requests.RequestException as error:
+            raise PrunecxrError(
+                f"the tracking server {uri} does not answer ({type(error).__name__}); start it "
+                f"or point MLFLOW_TRACKING_URI at a running one"
+            ) from None
     if uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).resolve().parent
         if not os.access(folder, os.W_OK):

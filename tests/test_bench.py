@@ -9,11 +9,24 @@ from pathlib import Path
 
 import pytest
 
+from prunecxr.data import get_schema
+from prunecxr.data.synthetic import write_synthetic
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "sweep_throughput.py"
 
 
 @pytest.mark.slow
 def test_sweep_benchmark_agrees_and_reports_both_throughputs(tmp_path):
+    """Pointed at a user's folder, the benchmark only reads it: its checkpoint and cache go to
+    a scratch folder of its own (it once overwrote chkpt.pt and deleted cache/*.npy there)."""
+    data = tmp_path / "data"
+    write_synthetic(
+        get_schema("nih-cxr-lt"), data, {"train": 8, "val": 8, "test": 24}, image_size=64
+    )
+    (data / "chkpt.pt").write_bytes(b"the user's own model")
+    (data / "cache").mkdir()
+    (data / "cache" / "theirs.npy").write_bytes(b"the user's cache")
+    before = {path: path.stat().st_mtime_ns for path in data.rglob("*")}
     command = [
         sys.executable,
         str(BENCH),
@@ -41,6 +54,7 @@ def test_sweep_benchmark_agrees_and_reports_both_throughputs(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "predictions agree" in result.stdout
+    assert {path: path.stat().st_mtime_ns for path in data.rglob("*")} == before
     numbers = json.loads((tmp_path / "result.json").read_text())
     assert numbers["images"] == 24 and numbers["max_abs_prob_diff"] <= 1e-4
     assert numbers["original_images_per_s"] > 0 and numbers["prunecxr_images_per_s"] > 0

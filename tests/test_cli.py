@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -92,3 +94,23 @@ def test_synth_then_train_from_the_command_line(tmp_path, mlflow_store):
     assert run.data.params["pretrained"] == "none"  # synthetic data: no ImageNet download
     assert run.data.params["data_dir"] == str(data)  # recorded absolute, usable from anywhere
     assert mlflow.get_experiment(run.info.experiment_id).name == "cli"
+
+
+def test_an_unreachable_tracking_server_fails_fast_before_any_work(tiny_nih, tmp_path):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    started = time.monotonic()
+    result = prunecxr(
+        "train",
+        "--data-dir",
+        str(tiny_nih),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        MLFLOW_TRACKING_URI=uri,
+    )
+    assert result.returncode == 1
+    assert f"error: the tracking server {uri} does not answer" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 60  # MLflow's own retries would take minutes
+    assert not (tmp_path / "cache").exists()  # nothing done before the check

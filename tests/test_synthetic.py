@@ -75,9 +75,20 @@ def test_every_class_has_positives_in_small_splits():
 def test_refuses_to_overwrite_without_flag(tmp_path):
     sizes = {"train": 10, "val": 10, "test": 10}
     write_synthetic(NIH, tmp_path, sizes, image_size=16)
-    with pytest.raises(PrunecxrError, match="already exists; pass --overwrite"):
+    with pytest.raises(PrunecxrError, match="already holds 34 of the files .* --overwrite"):
         write_synthetic(NIH, tmp_path, sizes, image_size=16)
     write_synthetic(NIH, tmp_path, sizes, image_size=16, seed=5, overwrite=True)
+
+
+def test_an_image_folder_is_never_overwritten(tmp_path):
+    """Real NIH file names: pointed at a folder of radiographs without label files, synth
+    must refuse rather than replace one."""
+    radiograph = tmp_path / "00000003_000.png"
+    radiograph.write_bytes(b"a real radiograph")
+    with pytest.raises(PrunecxrError, match="already holds 1 of the files .*00000003_000.png"):
+        write_synthetic(NIH, tmp_path, {"train": 5, "val": 5, "test": 5}, image_size=16)
+    assert radiograph.read_bytes() == b"a real radiograph"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000003_000.png"]
 
 
 def test_every_finding_has_a_sign_of_its_own():

@@ -9,10 +9,13 @@ Two ways to make the pixels (`preprocess`):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,7 @@ from prunecxr import PrunecxrError
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("PRUNECXR_CACHE", Path.home() / ".cache" / "prunecxr"))
 PREPROCESS = ("default", "original")
+_PARTIAL = re.compile(r"\.partial-(\d+)\.npy$")  # a build in progress (or killed): see _build_cache
 
 
 def decode_image(path: Path, image_size: int, preprocess: str = "default") -> np.ndarray:
@@ -102,7 +106,43 @@ def load_images(
     if not path.exists():
         decode = functools.partial(decode_image, image_size=image_size, preprocess=preprocess)
         _build_cache(path, image_paths, decode, image_size, num_workers)
+    with contextlib.suppress(OSError):  # last use, for `prunecxr cache prune --older-than`
+        os.utime(path)
     return np.load(path, mmap_mode="r")
+
+
+@dataclass(frozen=True)
+class CacheFile:
+    path: Path
+    size: int  # bytes
+    last_used: float  # Unix time
+    building_pid: int | None = None  # a partial file: the process that was writing it
+
+    @property
+    def abandoned(self) -> bool:
+        """A partial file whose process is gone (killed mid-build): never read, only removed."""
+        return self.building_pid is not None and not _process_alive(self.building_pid)
+
+
+def list_caches(cache_dir: Path) -> list[CacheFile]:
+    """The caches (and partial builds) in `cache_dir`, least recently used first."""
+    files = []
+    for path in Path(cache_dir).glob("*.npy"):
+        match = _PARTIAL.search(path.name)
+        stat = path.stat()
+        pid = int(match.group(1)) if match else None
+        files.append(CacheFile(path, stat.st_size, stat.st_mtime, pid))
+    return sorted(files, key=lambda file: file.last_used)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _build_cache(

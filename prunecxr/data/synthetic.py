@@ -197,11 +197,13 @@ def write_synthetic(
     """Write label CSVs and images for each split into `out_dir`; returns the marker's summary.
     `min_positives`: the fewest positives of every class per split."""
     out_dir = Path(out_dir)
-    existing = [
-        out_dir / schema.label_file(s) for s in SPLITS if (out_dir / schema.label_file(s)).exists()
-    ]
+    existing = [path for path in planned_files(schema, out_dir, split_sizes) if path.exists()]
     if existing and not overwrite:
-        raise PrunecxrError(f"{existing[0]} already exists; pass --overwrite to replace it")
+        raise PrunecxrError(
+            f"{out_dir} already holds {len(existing)} of the files synth would write (e.g. "
+            f"{existing[0].relative_to(out_dir)}); pick an empty folder, or pass --overwrite "
+            f"to replace them"
+        )
     rng = np.random.default_rng(seed)
     signs = create_signs(schema, rng)
     summary = {"dataset": schema.name, "seed": seed, "image_size": image_size, "splits": {}}
@@ -217,27 +219,36 @@ def write_synthetic(
     return summary
 
 
+def planned_files(schema: DatasetSchema, out_dir: Path, split_sizes: dict[str, int]) -> list[Path]:
+    """Every file write_synthetic writes: label files, the marker and each image."""
+    files = [out_dir / schema.label_file(split) for split in SPLITS] + [out_dir / MARKER_FILE]
+    first_subject = 0
+    for split in SPLITS:
+        ids = _id_columns(schema, np.arange(first_subject, first_subject + split_sizes[split]))
+        files += [out_dir / image_id for image_id in ids[schema.image_column]]
+        first_subject += split_sizes[split]
+    return files
+
+
 def _label_frame(schema: DatasetSchema, labels: np.ndarray, first_subject: int) -> pd.DataFrame:
-    subjects = np.arange(first_subject, first_subject + len(labels))
-    if schema.image_column == "id":  # NIH: <patient>_<follow-up>.png in the data dir
-        ids = {"id": [f"{s:08d}_000.png" for s in subjects], "subj_id": subjects}
-    else:  # MIMIC: files/p1X/p1XXXXXXX/sYYYYYYYY/<dicom_id>.jpg
-        subject_ids = 10_000_000 + subjects
-        study_ids = 50_000_000 + subjects
-        dicom_ids = [f"{s:08x}-synthetic" for s in subjects]
-        paths = [
-            f"files/p{s // 1_000_000}/p{s}/s{t}/{d}.jpg"
-            for s, t, d in zip(subject_ids, study_ids, dicom_ids)
-        ]
-        ids = {
-            "dicom_id": dicom_ids,
-            "subject_id": subject_ids,
-            "study_id": study_ids,
-            "path": paths,
-        }
+    ids = _id_columns(schema, np.arange(first_subject, first_subject + len(labels)))
     return pd.concat(
         [pd.DataFrame(ids), pd.DataFrame(labels, columns=list(schema.classes))], axis=1
     )
+
+
+def _id_columns(schema: DatasetSchema, subjects: np.ndarray) -> dict[str, list]:
+    if schema.image_column == "id":  # NIH: <patient>_<follow-up>.png in the data dir
+        return {"id": [f"{s:08d}_000.png" for s in subjects], "subj_id": subjects}
+    # MIMIC: files/p1X/p1XXXXXXX/sYYYYYYYY/<dicom_id>.jpg
+    subject_ids = 10_000_000 + subjects
+    study_ids = 50_000_000 + subjects
+    dicom_ids = [f"{s:08x}-synthetic" for s in subjects]
+    paths = [
+        f"files/p{s // 1_000_000}/p{s}/s{t}/{d}.jpg"
+        for s, t, d in zip(subject_ids, study_ids, dicom_ids)
+    ]
+    return {"dicom_id": dicom_ids, "subject_id": subject_ids, "study_id": study_ids, "path": paths}
 
 
 def _write_images(schema, out_dir, frame, labels, signs, image_size, rng) -> None:
