@@ -11,6 +11,7 @@ import click
 
 from prunecxr import PrunecxrError
 from prunecxr.cli_settings import (
+    POSITIVE,
     cache_override,
     cell_settings,
     checkpoint_seeds,
@@ -47,10 +48,16 @@ def cli() -> None:
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False, resolve_path=True, path_type=Path)
 )
-@click.option("--n-train", default=4000, show_default=True)
-@click.option("--n-val", default=500, show_default=True)
-@click.option("--n-test", default=1000, show_default=True)
-@click.option("--size", default=256, show_default=True, help="Image side in pixels.")
+@click.option("--n-train", type=POSITIVE, default=4000, show_default=True)
+@click.option("--n-val", type=POSITIVE, default=500, show_default=True)
+@click.option("--n-test", type=POSITIVE, default=1000, show_default=True)
+@click.option(
+    "--size",
+    type=click.IntRange(min=8),
+    default=256,
+    show_default=True,
+    help="Image side in pixels.",
+)
 @seed_option
 @click.option(
     "--overwrite", is_flag=True, help="Replace files synth would write that --out already holds."
@@ -87,7 +94,7 @@ def synth(dataset, out, n_train, n_val, n_test, size, seed, overwrite) -> None:
 )
 @click.option(
     "--seeds",
-    type=int,
+    type=POSITIVE,
     help="Train seeds 0..N-1, one train run each (with --executor ray, in parallel).",
 )
 @executor_options
@@ -116,8 +123,6 @@ def train(resume_run_id, experiment, seeds, **settings) -> None:
     if seeds is not None:
         if resume_run_id or "seed" in given_on_command_line(settings):
             raise PrunecxrError("--seeds N trains seeds 0..N-1: drop --seed and --resume")
-        if seeds < 1:
-            raise PrunecxrError(f"--seeds must be >= 1, not {seeds}")
         tracking.use_experiment(experiment)
         config = train_config(**settings)
         for seed, run_id in enumerate(train_seeds(config, list(range(seeds)), executor)):
@@ -147,7 +152,9 @@ def train(resume_run_id, experiment, seeds, **settings) -> None:
 )
 @model_options
 @optimization_options
-@click.option("--seeds", type=int, help="Number of seeds (0..N-1) [default: 2 demo, 30 real data].")
+@click.option(
+    "--seeds", type=POSITIVE, help="Number of seeds (0..N-1) [default: 2 demo, 30 real data]."
+)
 @click.option(
     "--methods", help="Pruning methods [default: l1,random,structured demo; l1,random real data]."
 )
@@ -195,7 +202,7 @@ def study(demo_dir, demo_seed, seeds, methods, sparsities, experiment, **setting
 )
 @click.option(
     "--sparsity",
-    type=float,
+    type=click.FloatRange(0, 1, max_open=True),
     default=0.9,
     show_default=True,
     help="Fraction of Conv2d/Linear weights zeroed or removed.",
@@ -260,8 +267,8 @@ def sweep(model_uris, methods, sparsities, log_models, seeds, experiment, **sett
     from prunecxr.sweep import parse_sparsities, run_sweep
 
     executor = executor_settings(settings)
+    method_list, sparsity_list = parse_methods(methods), parse_sparsities(sparsities)
     tracking.use_experiment(experiment)
-    method_list = parse_methods(methods)
     uris = [u for given in model_uris for u in given.split(",") if u] or [default_model_uri()]
     sources = [
         load_source_from_settings(uri, settings, seed)
@@ -270,7 +277,7 @@ def sweep(model_uris, methods, sparsities, log_models, seeds, experiment, **sett
     sweep_id = run_sweep(
         sources,
         method_list,
-        parse_sparsities(sparsities),
+        sparsity_list,
         cell_settings(settings, log_models),
         finetune_settings(settings),
         executor,
@@ -382,6 +389,9 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="prunecxr", standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
+    except click.UsageError as error:  # a bad option or value: one line, like every input error
+        click.echo(f"error: {error.format_message()}", err=True)
+        sys.exit(1)
     except click.ClickException as error:
         error.show()
         sys.exit(error.exit_code)

@@ -79,6 +79,7 @@ data_options = stack_options(
     ),
     click.option(
         "--num-workers",
+        type=click.IntRange(min=0),
         default=0,
         show_default=True,
         help="Processes decoding images for the cache.",
@@ -96,8 +97,13 @@ arch_option = click.option(
     default="resnet50",
     show_default=True,
 )
+POSITIVE = click.IntRange(min=1)
 image_size_option = click.option(
-    "--image-size", default=256, show_default=True, help="Images are resized to S x S."
+    "--image-size",
+    type=POSITIVE,
+    default=256,
+    show_default=True,
+    help="Images are resized to S x S.",
 )
 model_options = stack_options(
     arch_option,
@@ -107,14 +113,24 @@ model_options = stack_options(
     ),
     image_size_option,
 )
-batch_size_option = click.option("--batch-size", default=256, show_default=True)
-lr_option = click.option("--lr", default=1e-4, show_default=True, help="Adam learning rate.")
+batch_size_option = click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
+lr_option = click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1e-4,
+    show_default=True,
+    help="Adam learning rate.",
+)
 optimization_options = stack_options(
     batch_size_option,
     lr_option,
-    click.option("--max-epochs", default=60, show_default=True),
+    click.option("--max-epochs", type=POSITIVE, default=60, show_default=True),
     click.option(
-        "--patience", default=15, show_default=True, help="Early stopping on validation loss."
+        "--patience",
+        type=POSITIVE,
+        default=15,
+        show_default=True,
+        help="Early stopping on validation loss.",
     ),
 )
 
@@ -125,6 +141,7 @@ source_options = stack_options(
     image_size_option,
     click.option(
         "--finetune-epochs",
+        type=click.IntRange(min=0),
         default=0,
         show_default=True,
         help="Fine-tune after pruning (paper: 0).",
@@ -201,6 +218,9 @@ def train_config(*, data_dir, label_dir, pretrained, cache_dir, preprocess, **se
 
     if data_dir is None:
         raise PrunecxrError("--data-dir is required (see `prunecxr synth` for synthetic data)")
+    for name, folder in (("--data-dir", data_dir), ("--label-dir", label_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise PrunecxrError(f"{name} {folder} does not exist or is not a folder")
     return TrainConfig(
         data_dir=str(data_dir),
         label_dir=str(label_dir or data_dir),

@@ -318,11 +318,11 @@ def _train(
 ) -> str:
     classes = get_schema(config.dataset).classes
     runtime = runtime_of(config)
+    splits = load_splits(config)  # bad labels or images: an error before anything else
     if checkpoint:
         state = restore_state(checkpoint, config, len(classes), runtime)
     else:
         state = create_state(config, len(classes), runtime)
-    splits = load_splits(config)
     run_name = f"train-{config.arch}-seed{config.seed}"
     with (
         tracking.start_run(

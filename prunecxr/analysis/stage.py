@@ -36,6 +36,12 @@ def default_sweep_run_id() -> str:
 
 def analyze_sweep(sweep_run_id: str, *, cooccurrence_mode: str = "paper") -> str:
     """Analyze every prune run under `sweep_run_id`; returns the analyze run's id."""
+    stage = tracking.run_stage(tracking.get_run(sweep_run_id))
+    if stage != "sweep":
+        raise PrunecxrError(
+            f"run {sweep_run_id} is a {stage or 'non-prunecxr'} run, not a sweep; "
+            f"--sweep-run-id takes the id `prunecxr sweep` printed"
+        )
     cells = tracking.finished_children(sweep_run_id, "prune")
     if not cells:
         raise PrunecxrError(f"run {sweep_run_id} has no finished prune runs under it")

@@ -145,6 +145,24 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _allocate(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """The whole file allocated now: on a full disk, a clear error here instead of a crash
+    (SIGBUS) when a memory-mapped page cannot be written halfway through."""
+    array = None
+    try:
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+        with open(path, "r+b") as file:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+        return array
+    except OSError as error:
+        reason = error.strerror
+    del array  # unmapped now (not when the error is collected): its space is freed with it
+    raise PrunecxrError(
+        f"cannot write the image cache {path.parent}: {reason}; free space there or pass "
+        f"--cache-dir on a larger disk"
+    )
+
+
 def _build_cache(
     path: Path, image_paths: list[Path], decode, image_size: int, num_workers: int
 ) -> None:
@@ -153,9 +171,9 @@ def _build_cache(
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".partial-{os.getpid()}.npy")
     shape = (len(image_paths), image_size, image_size)
-    array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
     progress = dict(total=len(image_paths), desc=f"caching {path.name}", unit="img")
     try:
+        array = _allocate(partial, shape)
         if num_workers > 0:
             with ProcessPoolExecutor(num_workers) as pool:
                 decoded = pool.map(decode, image_paths, chunksize=64)

@@ -40,10 +40,30 @@ def read_labels(schema: DatasetSchema, label_dir: Path, split: str) -> LabelTabl
     image_ids = frame[schema.image_column]
     if image_ids.isna().any():
         row = int(np.flatnonzero(image_ids.isna().to_numpy())[0])
-        raise PrunecxrError(f"{path}: row {row + 2}: empty {schema.image_column!r}")
-    return LabelTable(
-        path, tuple(image_ids.astype(str)), np.array(labels.to_numpy(dtype=np.float32))
-    )
+        raise PrunecxrError(f"{path}: line {row + 2}: empty {schema.image_column!r}")
+    image_ids = image_ids.astype(str)
+    _check_image_ids(path, schema.image_column, image_ids)
+    return LabelTable(path, tuple(image_ids), np.array(labels.to_numpy(dtype=np.float32)))
+
+
+def _check_image_ids(path: Path, column: str, image_ids: pd.Series) -> None:
+    """Each image once, and inside the data dir: an absolute path or a `..` would read (and
+    cache) files the user never pointed us at."""
+    repeated = image_ids.duplicated().to_numpy()
+    if repeated.any():
+        image_id = image_ids.iat[int(repeated.argmax())]
+        lines = np.flatnonzero((image_ids == image_id).to_numpy()) + 2  # header = line 1
+        raise PrunecxrError(
+            f"{path}: {column} {image_id!r} is listed more than once (lines "
+            f"{', '.join(map(str, lines))}); each image once"
+        )
+    for row, image_id in enumerate(image_ids):
+        relative = Path(image_id)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise PrunecxrError(
+                f"{path}: line {row + 2}: {column} {image_id!r} leaves the data dir; image "
+                f"paths must be relative to it, without '..'"
+            )
 
 
 def _check_binary(path: Path, labels: pd.DataFrame) -> None:
@@ -54,5 +74,5 @@ def _check_binary(path: Path, labels: pd.DataFrame) -> None:
         row, col = map(int, np.argwhere(bad)[0])
         raise PrunecxrError(
             f"{path}: line {row + 2}, column {labels.columns[col]!r}: "
-            f"label {labels.iat[row, col]!r} is not 0 or 1"
+            f"label {labels.iat[row, col]!s} is not 0 or 1"
         )
