@@ -129,6 +129,7 @@ NON_DEFAULTS = {
     "sparsities": "0,0.5",
     "log_models": "true",
     "cooccurrence": "legacy",
+    "executor": "ray",
 }
 
 
