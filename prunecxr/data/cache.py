@@ -14,6 +14,7 @@ import functools
 import hashlib
 import os
 import re
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,8 +107,8 @@ def load_images(
     if not path.exists():
         decode = functools.partial(decode_image, image_size=image_size, preprocess=preprocess)
         _build_cache(path, image_paths, decode, image_size, num_workers)
-    with contextlib.suppress(OSError):  # last use, for `prunecxr cache prune --older-than`
-        os.utime(path)
+    with contextlib.suppress(OSError):  # last use (access time; mtime stays the build's)
+        os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
     return np.load(path, mmap_mode="r")
 
 
@@ -131,7 +132,8 @@ def list_caches(cache_dir: Path) -> list[CacheFile]:
         match = _PARTIAL.search(path.name)
         stat = path.stat()
         pid = int(match.group(1)) if match else None
-        files.append(CacheFile(path, stat.st_size, stat.st_mtime, pid))
+        last_used = max(stat.st_atime, stat.st_mtime)
+        files.append(CacheFile(path, stat.st_size, last_used, pid))
     return sorted(files, key=lambda file: file.last_used)
 
 

@@ -72,7 +72,8 @@ def _check_binary(path: Path, labels: pd.DataFrame) -> None:
     bad = ~np.isin(numeric, [0.0, 1.0])
     if bad.any():
         row, col = map(int, np.argwhere(bad)[0])
+        value = labels.iat[row, col]  # a numpy scalar shown as a plain number
         raise PrunecxrError(
             f"{path}: line {row + 2}, column {labels.columns[col]!r}: "
-            f"label {labels.iat[row, col]!s} is not 0 or 1"
+            f"label {getattr(value, 'item', lambda: value)()!r} is not 0 or 1"
         )
