@@ -95,7 +95,8 @@ def synth(dataset, out, n_train, n_val, n_test, size, seed, overwrite) -> None:
 @click.option(
     "--seeds",
     type=POSITIVE,
-    help="Train seeds 0..N-1, one train run each (with --executor ray, in parallel).",
+    help="Train N seeds from --seed on, one train run each (with --executor ray, in "
+    "parallel); seeds trained before with the same settings are reused.",
 )
 @executor_options
 def train(resume_run_id, experiment, seeds, **settings) -> None:
@@ -121,11 +122,12 @@ def train(resume_run_id, experiment, seeds, **settings) -> None:
             click.echo(f"train run {run_id}: model at runs:/{run_id}/model")
         return
     if seeds is not None:
-        if resume_run_id or "seed" in given_on_command_line(settings):
-            raise PrunecxrError("--seeds N trains seeds 0..N-1: drop --seed and --resume")
+        if resume_run_id:
+            raise PrunecxrError("--seeds trains new seeds; --resume continues one run: not both")
         tracking.use_experiment(experiment)
         config = train_config(**settings)
-        for seed, run_id in enumerate(train_seeds(config, list(range(seeds)), executor)):
+        chosen = list(range(config.seed, config.seed + seeds))
+        for seed, run_id in zip(chosen, train_seeds(config, chosen, executor)):
             click.echo(f"train run {run_id} (seed {seed}): model at runs:/{run_id}/model")
         return
     if resume_run_id:
@@ -389,6 +391,9 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="prunecxr", standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
+    except click.exceptions.NoArgsIsHelpError as error:  # `prunecxr cache`: its help
+        error.show()
+        sys.exit(error.exit_code)
     except click.UsageError as error:  # a bad option or value: one line, like every input error
         click.echo(f"error: {error.format_message()}", err=True)
         sys.exit(1)

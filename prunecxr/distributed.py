@@ -57,6 +57,21 @@ def barrier() -> None:
         dist.barrier()
 
 
+def main_rank_value(value: float) -> float:
+    """Rank 0's value on every rank: decisions (early stopping) must not split on rounding
+    (each GPU may pick other cuDNN kernels)."""
+    if not active():
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def builds_caches() -> bool:
+    """The one process per machine that writes the image caches (LOCAL_RANK 0)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def all_sum(value: torch.Tensor) -> torch.Tensor:
     """The sum over ranks (the value itself in one process)."""
     if active():
@@ -98,7 +113,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         stats = _AllSum.apply(stats)
         total = stats[-1]
         mean = stats[:channels] / total
-        var = stats[channels : 2 * channels] / total - mean * mean
+        var = (stats[channels : 2 * channels] / total - mean * mean).clamp(min=0)
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             self.running_mean.lerp_(mean, self.momentum)

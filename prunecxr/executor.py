@@ -45,7 +45,7 @@ class Executor:
         """function(*job) for every job; yields (index of the job, its result or the exception
         it raised) as jobs finish. Ray: large arguments are shared once per cluster (an
         argument object that appears in several jobs is put in the object store once)."""
-        if self.kind == "local":
+        if self.kind == "local" or not jobs:  # nothing to do: no cluster needed
             for index, job in enumerate(jobs):
                 try:
                     yield index, function(*job)
@@ -90,9 +90,10 @@ class Executor:
 
     def _ray_map(self, function: Callable, jobs: list[tuple]) -> Iterator[tuple[int, object]]:
         ray = connect_ray(self.address)
-        remote = ray.remote(function).options(
-            num_cpus=self.cpus_per_task, num_gpus=self.gpus_per_task, max_retries=0
-        )
+        options = dict(num_cpus=self.cpus_per_task, num_gpus=self.gpus_per_task, max_retries=0)
+        if not self.gpus_per_task:  # Ray leaves every GPU visible to a task that reserved none
+            options["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
+        remote = ray.remote(function).options(**options)
         shared: dict[int, object] = {}
         pending = {}
         for index, job in enumerate(jobs):
@@ -177,4 +178,5 @@ class WorkerContext:
     def enter(self) -> None:
         if tracking.is_current(self.tracking_uri, self.experiment_id):
             return  # the driver's own process (local executor)
+        os.environ.pop("MLFLOW_RUN_ID", None)  # never adopt the run `mlflow run` made the driver
         tracking.use_tracking(self.tracking_uri, self.experiment_id)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 
 from prunecxr import PrunecxrError, tracking
+from prunecxr.processes import process_alive
 
 OWNER_TAG = "prunecxr.owner"
 HEARTBEAT_TAG = "prunecxr.heartbeat"
@@ -101,19 +102,9 @@ def is_alive(run) -> bool:
     if run.info.status != "RUNNING" or owner is None or owner == _me():
         return False  # a restarted container can be its dead predecessor's pid on its host
     host, _, pid = owner.rpartition(":")
-    if host == socket.gethostname() and not _process_exists(int(pid)):
+    if host == socket.gethostname() and not process_alive(int(pid)):
         return False  # it died on this host: no need to wait for its heartbeat to go stale
     # A pid that exists may still be another process (containers sharing a host name each
     # number their own processes), so the heartbeat decides; hosts' clocks must roughly agree.
     heartbeat = float(run.data.tags.get(HEARTBEAT_TAG, 0))
     return time.time() - heartbeat < STALE_SECONDS
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True

@@ -18,13 +18,7 @@ from prunecxr.data.synthetic import read_marker, write_synthetic
 from prunecxr.executor import Executor, WorkerContext, check_readable
 from prunecxr.sources import load_source
 from prunecxr.sweep import SWEEP_KEY_TAG, CellSettings, run_sweep, sweep_key
-from prunecxr.train import (
-    CHECKPOINT_ARTIFACT,
-    RUNTIME_FIELDS,
-    TrainConfig,
-    resume_training,
-    run_training,
-)
+from prunecxr.train import RUNTIME_FIELDS, TrainConfig, continue_or_train
 
 # The demo's data and model: within 10 minutes on 2 CPU cores, and large enough for the paper's
 # findings to appear (README, "The demo's findings": what was measured with each choice).
@@ -145,16 +139,9 @@ def _train_seed(context: WorkerContext, study_id: str, train: TrainConfig, seed:
     checkpoint when not, trained when there is none."""
     context.enter()
     check_readable(train.data_dir, train.label_dir)
-    config = dataclasses.replace(train, seed=seed)
-    for run_id, status, settings in tracking.children(study_id, "train"):
-        if settings.get("seed") != str(seed):
-            continue
-        if status == "FINISHED":
-            return run_id
-        if tracking.has_artifact(run_id, CHECKPOINT_ARTIFACT):
-            runtime = {field: getattr(config, field) for field in RUNTIME_FIELDS}
-            return resume_training(run_id, **runtime)
-    return run_training(config, parent_run_id=study_id)
+    runs = tracking.children(study_id, "train")
+    mine = [(run_id, status) for run_id, status, params in runs if params.get("seed") == str(seed)]
+    return continue_or_train(mine, dataclasses.replace(train, seed=seed), study_id)
 
 
 def _sweep(study_id: str, config: StudyConfig, train_ids: list[str], executor: Executor) -> str:

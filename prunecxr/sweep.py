@@ -437,6 +437,9 @@ def _run_with_retries(
     todo = given_up + todo
     done_count = len(cells) - len(todo)
     failed = {cell_key(*cell): outcome.errors.get(cell_key(*cell), "?") for cell in todo}
+    tracking.end_unfinished_children(  # runs the last attempt's lost workers left RUNNING
+        sweep_id, still_alive=lambda run: run.data.tags.get(CELL_TAG) not in failed
+    )
     for source, method, sparsity in todo:
         key = cell_key(source, method, sparsity)
         tracking.log_failed_run(

@@ -393,6 +393,12 @@ def newest_finished_run_id(stage: str, *, how_to_make_one: str) -> str:
     return newest.info.run_id
 
 
+def runs_with_tag(stage: str, tag: str, value: str) -> list[tuple[str, str]]:
+    """(run id, status) of the `stage` runs whose `tag` is `value`, newest first."""
+    runs = _search(f"tags.`{STAGE_TAG}` = '{stage}' and tags.`{tag}` = '{value}'")
+    return [(run.info.run_id, run.info.status) for run in runs]
+
+
 def find_unfinished_run_id(stage: str, tag: str, value: str) -> str | None:
     """Newest unfinished (running, failed or killed) run of `stage` whose `tag` is `value`."""
     runs = _search(f"tags.`{STAGE_TAG}` = '{stage}' and tags.`{tag}` = '{value}'")

@@ -4,6 +4,8 @@ early stopping on validation loss keeping the best weights, a checkpoint every e
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/last.pt"
 RESUMED_TAG = "prunecxr.resumed"  # what each resumed session changed
 LOCAL_CHECKPOINT_TAG = "prunecxr.local_checkpoint"  # where this machine keeps the newest one
+TRAIN_KEY_TAG = "prunecxr.train_key"  # what a training computes: `train --seeds` continues it
 LOSS_SHOWN_EVERY = 25  # training steps between progress-bar loss updates
 
 
@@ -185,10 +188,11 @@ def _fit_epochs(state, config, data, runtime, forwards, on_epoch_end) -> None:
         started = time.perf_counter()
         train_loss = train_one_epoch(state, train, config.batch_size, runtime, train_forward)
         train_seconds = time.perf_counter() - started
-        # Every rank evaluates the whole validation split: the same model, the same decision.
+        # Every rank evaluates the whole validation split; rank 0's loss decides for all.
         val_loss, val_metrics, _ = evaluate_split(
             state.model, val, classes, runtime, config.batch_size, forward
         )
+        val_loss = distributed.main_rank_value(val_loss)
         state.epoch += 1
         if val_loss < state.best_val_loss:
             state.best_val_loss, state.epochs_since_best = val_loss, 0
@@ -227,10 +231,11 @@ def load_splits(config: TrainConfig) -> dict[str, SplitData]:
 
 
 def run_distributed_training(config: TrainConfig) -> str | None:
-    """This process's part of a torchrun training: every rank trains in lockstep; rank 0 alone
-    builds the caches and logs the one train run (its id; None on the other ranks)."""
+    """This process's part of a torchrun training: every rank trains in lockstep; one process
+    per machine builds the caches, rank 0 alone logs the one train run (its id; None on the
+    other ranks)."""
     with distributed.process_group(config.device):
-        if distributed.rank() == 0:
+        if distributed.builds_caches():
             load_splits(config)  # the caches, written once before the other ranks read them
         distributed.barrier()
         if distributed.rank() == 0:
@@ -248,16 +253,36 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None) -> str:
 
 
 def train_seeds(config: TrainConfig, seeds: list[int], executor: Executor) -> list[str]:
-    """One train run per seed, each a job of `executor` (Ray: in parallel); -> run ids."""
-    context = WorkerContext.here()
-    jobs = [(context, dataclasses.replace(config, seed=seed)) for seed in seeds]
+    """One train run per seed, each a job of `executor` (Ray: in parallel); -> run ids. A seed
+    trained before with the same settings is reused, one left unfinished is resumed. Under
+    `mlflow run`, the seeds' runs are nested under the run it made."""
+    context, parent = WorkerContext.here(), os.environ.pop("MLFLOW_RUN_ID", None)
+    jobs = [(context, dataclasses.replace(config, seed=seed), parent) for seed in seeds]
     return executor.run_all(_training_job, jobs, [f"seed {seed}" for seed in seeds])
 
 
-def _training_job(context: WorkerContext, config: TrainConfig) -> str:
+def _training_job(context: WorkerContext, config: TrainConfig, parent_run_id: str | None) -> str:
     context.enter()
     check_readable(config.data_dir, config.label_dir)
-    return run_training(config)
+    runs = tracking.runs_with_tag("train", TRAIN_KEY_TAG, train_key(config))
+    return continue_or_train(runs, config, parent_run_id)
+
+
+def train_key(config: TrainConfig) -> str:
+    """Identifies a training by what it computes (not where or how fast)."""
+    fixed = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUME_OVERRIDABLE}
+    return hashlib.sha256(repr(sorted(fixed.items())).encode()).hexdigest()[:16]
+
+
+def continue_or_train(runs: list[tuple[str, str]], config: TrainConfig, parent_run_id) -> str:
+    """Of `runs` ((run id, status), newest first): the first finished one, else the first with
+    a checkpoint resumed (with this config's runtime), else a new training."""
+    for run_id, status in runs:
+        if status == "FINISHED":
+            return run_id
+        if tracking.has_artifact(run_id, CHECKPOINT_ARTIFACT):
+            return resume_training(run_id, **{k: getattr(config, k) for k in RUNTIME_FIELDS})
+    return run_training(config, parent_run_id=parent_run_id)
 
 
 # Where and how fast a training runs: may change when it is resumed (or its study continued).
@@ -337,6 +362,7 @@ def _train(
         if checkpoint:
             tracking.set_tags({RESUMED_TAG: _resume_note(checkpoint, config, runtime)})
         else:
+            tracking.set_tags({TRAIN_KEY_TAG: train_key(config)})
             tracking.log_params(dataclasses.asdict(config))
             tracking.log_resolved(runtime.describe())
             for split in ("train", "val", "test"):

@@ -221,10 +221,10 @@ def test_a_worker_node_lost_mid_sweep_loses_no_cell_and_duplicates_none(
     _start_worker_node(ray_cluster)  # for the tests after this one
 
 
-def test_train_seeds_run_as_ray_tasks_one_train_run_each(
+def test_train_seeds_run_as_ray_tasks_one_train_run_each_and_continue(
     ray_cluster, tiny_nih, cache_dir, server_store
 ):
-    result = prunecxr(
+    command = [
         "train",
         "--data-dir",
         str(tiny_nih),
@@ -248,11 +248,18 @@ def test_train_seeds_run_as_ray_tasks_one_train_run_each(
         "ray",
         "--ray-address",
         ray_cluster,
-        **RAY_ENV,
-    )
+    ]
+    result = prunecxr(*command, **RAY_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = mlflow.search_runs(experiment_names=["seeds"], output_format="list")
     assert sorted(run.data.params["seed"] for run in runs) == ["0", "1"]
     assert {run.info.status for run in runs} == {"FINISHED"}
     for run in runs:
         assert f"train run {run.info.run_id} (seed {run.data.params['seed']})" in result.stdout
+    again = prunecxr(*command, **RAY_ENV)  # the same command: both seeds are done
+    assert again.returncode == 0, again.stderr[-3000:]
+    lines = [
+        [x for x in r.stdout.splitlines() if x.startswith("train run")] for r in (result, again)
+    ]
+    assert lines[0] == lines[1] and len(lines[0]) == 2
+    assert len(mlflow.search_runs(experiment_names=["seeds"], output_format="list")) == 2

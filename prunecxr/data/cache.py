@@ -10,6 +10,7 @@ Two ways to make the pixels (`preprocess`):
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import os
@@ -24,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from prunecxr import PrunecxrError
+from prunecxr.processes import process_alive
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("PRUNECXR_CACHE", Path.home() / ".cache" / "prunecxr"))
 PREPROCESS = ("default", "original")
@@ -122,7 +124,7 @@ class CacheFile:
     @property
     def abandoned(self) -> bool:
         """A partial file whose process is gone (killed mid-build): never read, only removed."""
-        return self.building_pid is not None and not _process_alive(self.building_pid)
+        return self.building_pid is not None and not process_alive(self.building_pid)
 
 
 def list_caches(cache_dir: Path) -> list[CacheFile]:
@@ -130,21 +132,14 @@ def list_caches(cache_dir: Path) -> list[CacheFile]:
     files = []
     for path in Path(cache_dir).glob("*.npy"):
         match = _PARTIAL.search(path.name)
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # a build renamed its partial file meanwhile
+            continue
         pid = int(match.group(1)) if match else None
         last_used = max(stat.st_atime, stat.st_mtime)
         files.append(CacheFile(path, stat.st_size, last_used, pid))
     return sorted(files, key=lambda file: file.last_used)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def _allocate(path: Path, shape: tuple[int, ...]) -> np.memmap:
@@ -153,16 +148,15 @@ def _allocate(path: Path, shape: tuple[int, ...]) -> np.memmap:
     array = None
     try:
         array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
-        with open(path, "r+b") as file:
-            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+        if hasattr(os, "posix_fallocate"):  # Linux; elsewhere a full disk fails later
+            with open(path, "r+b") as file:
+                os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
         return array
     except OSError as error:
-        reason = error.strerror
+        reason, full = error.strerror, error.errno == errno.ENOSPC
     del array  # unmapped now (not when the error is collected): its space is freed with it
-    raise PrunecxrError(
-        f"cannot write the image cache {path.parent}: {reason}; free space there or pass "
-        f"--cache-dir on a larger disk"
-    )
+    hint = "free space there or pass --cache-dir on a larger disk" if full else "pass --cache-dir"
+    raise PrunecxrError(f"cannot write the image cache {path.parent}: {reason}; {hint}")
 
 
 def _build_cache(
