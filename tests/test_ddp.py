@@ -20,7 +20,7 @@ from prunecxr.models import create_model
 from prunecxr.runtime import resolve_runtime
 from prunecxr.train import TrainState, run_training, train_one_epoch
 from tests.conftest import _free_port, cli_env
-from tests.test_train import tiny_config
+from tests.test_train import tiny_cli_options, tiny_config
 
 DDP_ENV = {"GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
 
@@ -74,22 +74,9 @@ def test_torchrun_trains_one_model_logged_once_by_rank_0(tiny_nih, cache_dir, ml
         "-m",
         "prunecxr",
         "train",
-        "--data-dir",
-        str(tiny_nih),
-        "--arch",
-        "resnet18",
-        "--image-size",
-        "32",
-        "--batch-size",
-        "32",
-        "--lr",
-        "1e-3",
+        *tiny_cli_options(tiny_nih, cache_dir),
         "--max-epochs",
         "2",
-        "--device",
-        "cpu",
-        "--cache-dir",
-        str(cache_dir),
     ]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", *args]
     result = subprocess.run(

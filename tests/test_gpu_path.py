@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.test_cli import prunecxr
+from tests.test_train import tiny_cli_options
 
 pytestmark = pytest.mark.slow
 
@@ -19,25 +20,12 @@ pytestmark = pytest.mark.slow
 def test_a_study_on_the_gpu_code_path_finishes(device, tiny_nih, tmp_path, mlflow_store):
     result = prunecxr(
         "study",
-        "--device",
-        device,
+        *tiny_cli_options(tiny_nih, tmp_path / "cache", device),
         "--channels-last",
         "--precision",
         "bf16",
         "--compile",
         "--resident-data",
-        "--data-dir",
-        str(tiny_nih),
-        "--arch",
-        "resnet18",
-        "--image-size",
-        "32",
-        "--batch-size",
-        "32",
-        "--lr",
-        "1e-3",
-        "--cache-dir",
-        str(tmp_path / "cache"),
         "--seeds",
         "2",
         "--max-epochs",

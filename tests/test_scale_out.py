@@ -21,7 +21,7 @@ from prunecxr.sweep import CELL_TAG
 from prunecxr.train import run_training
 from tests.conftest import _free_port, cli_env, spawn_prunecxr, wait_for
 from tests.test_cli import prunecxr
-from tests.test_train import tiny_config
+from tests.test_train import tiny_cli_options, tiny_config
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -226,20 +226,9 @@ def test_train_seeds_run_as_ray_tasks_one_train_run_each_and_continue(
 ):
     command = [
         "train",
-        "--data-dir",
-        str(tiny_nih),
-        "--arch",
-        "resnet18",
-        "--image-size",
-        "32",
-        "--batch-size",
-        "32",
+        *tiny_cli_options(tiny_nih, cache_dir),
         "--max-epochs",
         "1",
-        "--device",
-        "cpu",
-        "--cache-dir",
-        str(cache_dir),
         "--experiment",
         "seeds",
         "--seeds",

@@ -54,6 +54,15 @@ def tiny_config(data_dir: Path, cache_dir: Path, **overrides) -> TrainConfig:
     return TrainConfig(**{**settings, **overrides})
 
 
+def tiny_cli_options(data_dir: Path, cache_dir: Path, device: str = "cpu") -> list[str]:
+    """tiny_config's settings as command-line options (max_epochs and patience aside)."""
+    return [
+        *("--data-dir", str(data_dir), "--arch", "resnet18", "--image-size", "32"),
+        *("--batch-size", "32", "--lr", "1e-3", "--device", device),
+        *("--cache-dir", str(cache_dir)),
+    ]
+
+
 def _history(run_id: str) -> pd.DataFrame:
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="history.csv")
     return pd.read_csv(path)
