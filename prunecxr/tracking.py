@@ -401,9 +401,10 @@ def runs_with_tag(stage: str, tag: str, value: str) -> list[tuple[str, str]]:
 
 def find_unfinished_run_id(stage: str, tag: str, value: str) -> str | None:
     """Newest unfinished (running, failed or killed) run of `stage` whose `tag` is `value`."""
-    runs = _search(f"tags.`{STAGE_TAG}` = '{stage}' and tags.`{tag}` = '{value}'")
-    runs = [run for run in runs if run.info.status != "FINISHED"]
-    return runs[0].info.run_id if runs else None
+    return next(
+        (run_id for run_id, status in runs_with_tag(stage, tag, value) if status != "FINISHED"),
+        None,
+    )
 
 
 def _search(query: str, experiment_ids: list[str] | None = None) -> list:
