@@ -3,6 +3,7 @@ that turn the flat option values into the library's explicit arguments."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -89,6 +90,12 @@ data_options = stack_options(
         type=click.Choice(["default", "original"]),
         help="How pixels are made: Pillow with antialiasing, or OpenCV INTER_LINEAR as the "
         "original code [default: original for a chkpt.pt file, else default].",
+    ),
+    click.option(
+        "--skip-bad-images",
+        is_flag=True,
+        help="Leave out images that cannot be read (logged as skipped_images_<split>) "
+        "instead of stopping with their list.",
     ),
 )
 arch_option = click.option(
@@ -261,11 +268,17 @@ def load_source_from_settings(uri: str, settings: dict, seed: int | None = None)
             **cache_override(settings["cache_dir"]),
             # a checkpoint file of the original study saw OpenCV's pixels
             preprocess=settings["preprocess"] or "original",
+            skip_bad_images=settings["skip_bad_images"],
         )
     cache_dir = str(settings["cache_dir"]) if settings["cache_dir"] else None
-    return load_source(
+    source = load_source(
         uri, fallback=fallback, arch=settings["arch"], cache_dir=cache_dir, seed=seed
     )
+    if settings["skip_bad_images"]:  # also for a train run's data that has gone bad since
+        source = dataclasses.replace(
+            source, data=dataclasses.replace(source.data, skip_bad_images=True)
+        )
+    return source
 
 
 def checkpoint_seeds(uris: list[str], text: str | None) -> list[int | None]:

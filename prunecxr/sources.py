@@ -31,6 +31,7 @@ class DataSettings:
     image_size: int
     cache_dir: str = str(DEFAULT_CACHE_DIR)
     preprocess: str = "default"  # how pixels were made for the model (data/cache.py)
+    skip_bad_images: bool = False  # unreadable images left out, as in training
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class ModelSource:
             "cache_dir": self.data.cache_dir,
             "preprocess": self.data.preprocess,
         }
+        if self.data.skip_bad_images:
+            params["skip_bad_images"] = True
         if self.sha256:
             params.update(checkpoint_path=self.uri, checkpoint_sha256=self.sha256)
         return params
@@ -125,6 +128,7 @@ def _data_settings(params: dict[str, str], cache_dir: str | None) -> DataSetting
         int(params["image_size"]),
         cache_dir or params.get("cache_dir", str(DEFAULT_CACHE_DIR)),
         params.get("preprocess", "default"),  # runs from before the option: default
+        str(params.get("skip_bad_images")).lower() == "true",
     )
 
 

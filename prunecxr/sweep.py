@@ -87,6 +87,7 @@ def load_data_split(data: DataSettings, split: str, num_workers: int = 0) -> Spl
         cache_dir=Path(data.cache_dir),
         num_workers=num_workers,
         preprocess=data.preprocess,
+        skip_bad_images=data.skip_bad_images,
     )
 
 

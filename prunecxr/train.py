@@ -67,6 +67,7 @@ class TrainConfig:
     num_workers: int = 0  # processes decoding images while the cache is built
     cache_dir: str = str(DEFAULT_CACHE_DIR)
     preprocess: str = "default"  # how pixels are made; "original": OpenCV as the original code
+    skip_bad_images: bool = False  # leave unreadable images out instead of stopping
 
 
 def default_pretrained(data_dir: str | Path) -> str:
@@ -225,6 +226,7 @@ def load_splits(config: TrainConfig) -> dict[str, SplitData]:
             cache_dir=Path(config.cache_dir),
             num_workers=config.num_workers,
             preprocess=config.preprocess,
+            skip_bad_images=config.skip_bad_images,
         )
         for split in ("train", "val", "test")
     }
@@ -271,6 +273,8 @@ def _training_job(context: WorkerContext, config: TrainConfig, parent_run_id: st
 def train_key(config: TrainConfig) -> str:
     """Identifies a training by what it computes (not where or how fast)."""
     fixed = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUME_OVERRIDABLE}
+    if not config.skip_bad_images:  # added later: trainings from before keep their keys
+        del fixed["skip_bad_images"]
     return hashlib.sha256(repr(sorted(fixed.items())).encode()).hexdigest()[:16]
 
 
@@ -367,6 +371,8 @@ def _train(
             tracking.log_resolved(runtime.describe())
             for split in ("train", "val", "test"):
                 tracking.log_label_file(config.label_dir, config.dataset, split)
+            if config.skip_bad_images:
+                tracking.log_metrics({f"skipped_images_{n}": d.skipped for n, d in splits.items()})
         checkpoints = Checkpoints(active_id, config)
         fit(state, config, splits, runtime, checkpoints.after_epoch)
         checkpoints.upload_last()

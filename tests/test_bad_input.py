@@ -3,6 +3,7 @@ no traceback, and nothing written (no MLflow run, no cache file)."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -94,7 +95,7 @@ CASES = [
         "image missing",
         lambda data: (data / "00000001_000.png").unlink(),
         ["train", "--data-dir", "{data}"],
-        "image not found: {data}/00000001_000.png",
+        "1 unreadable image(s) listed in {data}/" + LABELS + ": {data}/00000001_000.png: not found",
     ),
     (
         "image truncated",
@@ -102,13 +103,13 @@ CASES = [
             (data / "00000001_000.png").read_bytes()[:60]
         ),
         ["train", "--data-dir", "{data}"],
-        "cannot decode image {data}/00000001_000.png",
+        "{data}/00000001_000.png: image file is truncated",
     ),
     (
         "not an image",
         _write("00000001_000.png", b"not a png"),
         ["train", "--data-dir", "{data}"],
-        "cannot decode image {data}/00000001_000.png: cannot identify image file",
+        "{data}/00000001_000.png: cannot identify image file",
     ),
     (
         "duplicate id",
@@ -212,6 +213,45 @@ def test_bad_input_is_one_clear_error_line_and_nothing_written(
     assert says.format(data=data) in error[-1]
     assert _all_runs() == runs_before  # no run created
     assert not list(cache.glob("*.npy"))  # no cache kept, not even a partial one
+
+
+def test_every_bad_image_is_listed_at_once_or_skipped_with_a_count(
+    tiny_nih, tmp_path, mlflow_store, capsys, caplog
+):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_nih, data)
+    train_ids = pd.read_csv(data / LABELS)["id"].tolist()
+    missing, truncated, not_png = (data / name for name in train_ids[:3])
+    missing.unlink()
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    not_png.write_bytes(b"not a png")
+    cache = tmp_path / "cache"
+    command = ["train", "--data-dir", str(data), "--cache-dir", str(cache), *TRAIN]
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--max-epochs", "1"])
+    assert exit_.value.code == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: 3 unreadable image(s) listed in {data / LABELS}: ")
+    assert error.endswith("pass --skip-bad-images to train without them")
+    (listing,) = cache.glob("*.bad.tsv")
+    assert f"(all in {listing})" in error
+    assert sorted(line.split("\t")[0] for line in listing.read_text().splitlines()) == sorted(
+        map(str, (missing, truncated, not_png))
+    )
+    assert not list(cache.glob("*.npy")) and _all_runs() == 0
+
+    notes = logging.getLogger("prunecxr")  # the CLI's notes do not reach the root logger
+    notes.addHandler(caplog.handler)
+    try:
+        main([*command, "--max-epochs", "1", "--skip-bad-images"])
+    finally:
+        notes.removeHandler(caplog.handler)
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["skip_bad_images"] == "true"
+    skipped = {k: v for k, v in run.data.metrics.items() if k.startswith("skipped_images_")}
+    assert skipped == {"skipped_images_train": 3, "skipped_images_val": 0, "skipped_images_test": 0}
+    assert "skipping 3 unreadable image(s) (--skip-bad-images)" in caplog.text
 
 
 def _all_runs() -> int:

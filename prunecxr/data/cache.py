@@ -32,6 +32,12 @@ PREPROCESS = ("default", "original")
 _PARTIAL = re.compile(r"\.partial-(\d+)\.npy$")  # a build in progress (or killed): see _build_cache
 
 
+class UnreadableImage(PrunecxrError):
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"cannot read image {path}: {reason}")
+
+
 def decode_image(path: Path, image_size: int, preprocess: str = "default") -> np.ndarray:
     """PNG/JPEG, grey or RGB (8 or 16 bit) -> (S, S) uint8 grey."""
     if preprocess == "original":
@@ -44,9 +50,9 @@ def decode_image(path: Path, image_size: int, preprocess: str = "default") -> np
             resized = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
             return np.array(resized, dtype=np.uint8)
     except FileNotFoundError:
-        raise PrunecxrError(f"image not found: {path}") from None
+        raise UnreadableImage(path, "not found") from None
     except (UnidentifiedImageError, OSError) as error:
-        raise PrunecxrError(f"cannot decode image {path}: {error}") from None
+        raise UnreadableImage(path, str(error)) from None
 
 
 def _decode_like_the_original(path: Path, image_size: int) -> np.ndarray:
@@ -60,10 +66,10 @@ def _decode_like_the_original(path: Path, image_size: int) -> np.ndarray:
             "(opencv-python-headless)"
         ) from None
     if not path.exists():
-        raise PrunecxrError(f"image not found: {path}")
+        raise UnreadableImage(path, "not found")
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if image is None:
-        raise PrunecxrError(f"cannot decode image {path}: OpenCV could not read it")
+        raise UnreadableImage(path, "OpenCV could not read it")
     return cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
 
 
@@ -87,10 +93,23 @@ def cache_key(
     for path in image_paths:
         try:
             stat = path.stat()
-        except FileNotFoundError:
-            raise PrunecxrError(f"image not found: {path} (listed in {label_file})") from None
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except FileNotFoundError:  # listed as bad when the cache is built
+            digest.update(f"{path}\0missing\n".encode())
     return digest.hexdigest()[:20]
+
+
+class BadImages(PrunecxrError):
+    """Images of a split that cannot be read; every one of them, found in one pass."""
+
+    def __init__(self, label_file: Path, bad: dict[Path, str], listing: Path):
+        self.bad = bad
+        shown = "; ".join(f"{path}: {why}" for path, why in list(bad.items())[:3])
+        more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+        super().__init__(
+            f"{len(bad)} unreadable image(s) listed in {label_file}: {shown}{more} (all in "
+            f"{listing}); fix or remove them, or pass --skip-bad-images to train without them"
+        )
 
 
 def load_images(
@@ -102,16 +121,35 @@ def load_images(
     num_workers: int = 0,
     preprocess: str = "default",
 ) -> np.ndarray:
-    """(N, S, S) uint8 memory-mapped view of the images, decoding them only on a cache miss."""
+    """(N, S, S) uint8 memory-mapped view of the images, decoding them only on a cache miss.
+    Raises BadImages listing every image that cannot be read (remembered in a `.bad.tsv` file
+    beside where the cache would be, so that asking again does not decode everything again)."""
     key = cache_key(label_file, image_paths, image_size, preprocess)
     how = "" if preprocess == "default" else f"-{preprocess}"
     path = Path(cache_dir) / f"{Path(label_file).stem}-{image_size}px{how}-{key}.npy"
+    listing = path.with_suffix(".bad.tsv")
+    if listing.exists():
+        raise BadImages(label_file, _read_listing(listing), listing)
     if not path.exists():
         decode = functools.partial(decode_image, image_size=image_size, preprocess=preprocess)
-        _build_cache(path, image_paths, decode, image_size, num_workers)
+        bad = _build_cache(path, image_paths, decode, image_size, num_workers)
+        if bad:
+            _write_listing(listing, bad)
+            raise BadImages(label_file, bad, listing)
     with contextlib.suppress(OSError):  # last use (access time; mtime stays the build's)
         os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
     return np.load(path, mmap_mode="r")
+
+
+def _write_listing(listing: Path, bad: dict[Path, str]) -> None:
+    partial = listing.with_suffix(f".partial-{os.getpid()}")
+    partial.write_text("".join(f"{path}\t{why}\n" for path, why in bad.items()))
+    partial.replace(listing)
+
+
+def _read_listing(listing: Path) -> dict[Path, str]:
+    lines = listing.read_text().splitlines()
+    return {Path(path): why for path, why in (line.split("\t", 1) for line in lines)}
 
 
 @dataclass(frozen=True)
@@ -159,27 +197,44 @@ def _allocate(path: Path, shape: tuple[int, ...]) -> np.memmap:
     raise PrunecxrError(f"cannot write the image cache {path.parent}: {reason}; {hint}")
 
 
+def _try_decode(decode, path: Path) -> np.ndarray | str:
+    """The image, or why it cannot be read (a worker process returns it rather than raising,
+    so that one pass finds every bad image)."""
+    try:
+        return decode(path)
+    except UnreadableImage as error:
+        return error.reason
+
+
 def _build_cache(
     path: Path, image_paths: list[Path], decode, image_size: int, num_workers: int
-) -> None:
+) -> dict[Path, str]:
     """Decode into a temporary file and rename it, so an interrupted build never leaves a
-    truncated cache behind that a later run would trust."""
+    truncated cache behind that a later run would trust. -> the images that cannot be read
+    (path: why); if there are any, no cache is kept."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".partial-{os.getpid()}.npy")
     shape = (len(image_paths), image_size, image_size)
     progress = dict(total=len(image_paths), desc=f"caching {path.name}", unit="img")
+    try_decode = functools.partial(_try_decode, decode)
+    bad = {}
     try:
         array = _allocate(partial, shape)
-        if num_workers > 0:
-            with ProcessPoolExecutor(num_workers) as pool:
-                decoded = pool.map(decode, image_paths, chunksize=64)
-                for index, image in enumerate(tqdm(decoded, **progress)):
+        with contextlib.ExitStack() as stack:
+            if num_workers > 0:
+                pool = stack.enter_context(ProcessPoolExecutor(num_workers))
+                decoded = pool.map(try_decode, image_paths, chunksize=64)
+            else:
+                decoded = map(try_decode, image_paths)
+            for index, image in enumerate(tqdm(decoded, **progress)):
+                if isinstance(image, str):
+                    bad[image_paths[index]] = image
+                else:
                     array[index] = image
-        else:
-            for index, image_path in enumerate(tqdm(image_paths, **progress)):
-                array[index] = decode(image_path)
         array.flush()
         del array
-        partial.replace(path)
+        if not bad:
+            partial.replace(path)
+        return bad
     finally:
         partial.unlink(missing_ok=True)
