@@ -12,6 +12,7 @@ import click
 from prunecxr import PrunecxrError
 from prunecxr.cli_settings import (
     POSITIVE,
+    allow_pickle_option,
     cache_override,
     cell_settings,
     checkpoint_seeds,
@@ -164,9 +165,12 @@ def train(resume_run_id, experiment, seeds, **settings) -> None:
     "--sparsities", help="Sparsity grid [default: 0,0.3,...,0.95 demo; 0:0.95:0.05 real data]."
 )
 @runtime_options
+@allow_pickle_option
 @experiment_option
 @executor_options
-def study(demo_dir, demo_seed, seeds, methods, sparsities, experiment, **settings) -> None:
+def study(
+    demo_dir, demo_seed, seeds, methods, sparsities, allow_pickle, experiment, **settings
+) -> None:
     """The whole pipeline as nested MLflow runs; with no --data-dir, the synthetic demo."""
     from prunecxr import tracking
     from prunecxr.study import StudyConfig, demo_config, ensure_demo_data, run_study
@@ -189,7 +193,7 @@ def study(demo_dir, demo_seed, seeds, methods, sparsities, experiment, **setting
         config = dataclasses.replace(config, methods=tuple(parse_methods(methods)))
     if sparsities is not None:
         config = dataclasses.replace(config, sparsities=tuple(parse_sparsities(sparsities)))
-    study_id = run_study(config, executor)
+    study_id = run_study(config, executor, allow_pickle=allow_pickle)
     click.echo(f"study run {study_id}; see it with: {tracking.where_to_browse(study_id)}")
 
 
@@ -313,7 +317,9 @@ def analyze(sweep_run_id, cooccurrence, allow_pickle, experiment, **published) -
         )
     else:
         run_id = analyze_sweep(
-            sweep_run_id or default_sweep_run_id(), cooccurrence_mode=cooccurrence
+            sweep_run_id or default_sweep_run_id(),
+            cooccurrence_mode=cooccurrence,
+            allow_pickle=allow_pickle,
         )
     click.echo(f"analyze run {run_id}: report at runs:/{run_id}/report.html")
 

@@ -142,8 +142,15 @@ optimization_options = stack_options(
 )
 
 
+allow_pickle_option = click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Trust pickle files, which can run code when read: models logged by an older prunecxr "
+    "(without model_weights.pt) and --preds-dir's files.",
+)
 source_options = stack_options(
     data_options,
+    allow_pickle_option,
     arch_option,
     image_size_option,
     click.option(
@@ -272,7 +279,12 @@ def load_source_from_settings(uri: str, settings: dict, seed: int | None = None)
         )
     cache_dir = str(settings["cache_dir"]) if settings["cache_dir"] else None
     source = load_source(
-        uri, fallback=fallback, arch=settings["arch"], cache_dir=cache_dir, seed=seed
+        uri,
+        fallback=fallback,
+        arch=settings["arch"],
+        cache_dir=cache_dir,
+        seed=seed,
+        allow_pickle=settings["allow_pickle"],
     )
     if settings["skip_bad_images"]:  # also for a train run's data that has gone bad since
         source = dataclasses.replace(
@@ -333,9 +345,7 @@ published_options = stack_options(
         type=click.Path(exists=True, file_okay=False, path_type=Path),
         help="The original study's published {dataset}_resnet50_seed-{s}_prune-{k}.pkl files.",
     ),
-    click.option(
-        "--allow-pickle", is_flag=True, help="Trust --preds-dir: its pickle files can run code."
-    ),
+    allow_pickle_option,
     click.option(
         "--method",
         type=click.Choice(["l1", "random"]),

@@ -76,5 +76,36 @@ def _load_backbone(model: nn.Module, path: Path) -> None:
         )
 
 
+def load_weights_into(model: nn.Module, state: dict) -> nn.Module:
+    """Load `state` into `model` of the same architecture, first giving every layer the shape
+    its weights have there (a structurally pruned model has fewer channels)."""
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for key, value in [
+            *module.named_parameters(recurse=False),
+            *module.named_buffers(recurse=False),
+        ]:
+            saved = state.get(prefix + key)
+            if saved is None or saved.shape == value.shape:
+                continue
+            if key in module._parameters:
+                module._parameters[key] = nn.Parameter(torch.empty_like(saved))
+            else:
+                module._buffers[key] = torch.empty_like(saved)
+        _match_shape_attributes(module)
+    model.load_state_dict(state)
+    return model
+
+
+def _match_shape_attributes(module: nn.Module) -> None:
+    if isinstance(module, nn.Conv2d):
+        module.out_channels = module.weight.shape[0]
+        module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.BatchNorm2d):
+        module.num_features = module.weight.shape[0]
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -15,7 +15,7 @@ from torch import nn
 from prunecxr import PrunecxrError, tracking
 from prunecxr.data import get_schema
 from prunecxr.data.cache import DEFAULT_CACHE_DIR
-from prunecxr.models import create_model, load_state_file
+from prunecxr.models import create_model, load_state_file, load_weights_into
 
 CHECKPOINT_PRETRAINED = "checkpoint"  # the `pretrained` param of a checkpoint file's cells
 _SEED_DIR = re.compile(r"_seed-(\d+)$")
@@ -86,12 +86,14 @@ def load_source(
     arch: str = "resnet50",
     cache_dir: str | None = None,
     seed: int | None = None,
+    allow_pickle: bool = False,
 ) -> ModelSource:
     """runs:/<id>/model, models:/<name>/<version> (settings from the train run that logged it)
     or a checkpoint file in the original format (settings from `fallback` and `arch`; its seed
-    is `seed`, else read from the original layout)."""
+    is `seed`, else read from the original layout). A run's model is read from its weights
+    file; a run logged without one is unpickled only with `allow_pickle`."""
     if uri.startswith(("runs:/", "models:/")):
-        return _run_source(uri, cache_dir)
+        return _run_source(uri, cache_dir, allow_pickle)
     if fallback is None:
         raise PrunecxrError(
             f"{uri} is a checkpoint file: give --dataset, --data-dir and --image-size for it"
@@ -99,13 +101,27 @@ def load_source(
     return _checkpoint_source(Path(uri).resolve(), fallback, arch, seed)
 
 
-def _run_source(uri: str, cache_dir: str | None) -> ModelSource:
+def _run_source(uri: str, cache_dir: str | None, allow_pickle: bool) -> ModelSource:
     run_id = tracking.model_run_id(uri)
     params = tracking.run_settings(tracking.get_run(run_id))
     data = _data_settings(params, cache_dir)
-    model = tracking.load_model(uri)
+    model = _run_model(uri, run_id, params["arch"], data.dataset, allow_pickle)
     seed = int(params["seed"])
     return ModelSource(uri, run_id, params["arch"], seed, params["pretrained"], data, model)
+
+
+def _run_model(uri: str, run_id: str, arch: str, dataset: str, allow_pickle: bool) -> nn.Module:
+    state = tracking.load_weights(run_id)
+    if state is not None:
+        model = create_model(arch, get_schema(dataset).num_classes)
+        return load_weights_into(model, state)
+    if not allow_pickle:
+        raise PrunecxrError(
+            f"{uri} has no weights file ({tracking.WEIGHTS_ARTIFACT}; logged by an older "
+            f"prunecxr), only a pickled model, and unpickling can run code: pass --allow-pickle "
+            f"if you trust this tracking store"
+        )
+    return tracking.load_pickled_model(uri)
 
 
 def _checkpoint_source(path: Path, data: DataSettings, arch: str, seed: int | None) -> ModelSource:
@@ -146,11 +162,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def source_of_cell(params: dict[str, str], cache_dir: str | None = None) -> ModelSource:
+def source_of_cell(
+    params: dict[str, str], cache_dir: str | None = None, allow_pickle: bool = False
+) -> ModelSource:
     """The model a prune run pruned, from the run's params (train run or checkpoint file).
     A checkpoint file must still hold the bytes it held then."""
     if params.get("source_run_id"):
-        return load_source(f"runs:/{params['source_run_id']}/model", cache_dir=cache_dir)
+        uri = f"runs:/{params['source_run_id']}/model"
+        return load_source(uri, cache_dir=cache_dir, allow_pickle=allow_pickle)
     data = _data_settings(params, cache_dir)
     source = load_source(
         params["checkpoint_path"], fallback=data, arch=params["arch"], seed=int(params["seed"])

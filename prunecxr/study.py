@@ -98,10 +98,13 @@ def study_key(config: StudyConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_study(config: StudyConfig, executor: Executor = Executor()) -> str:
+def run_study(
+    config: StudyConfig, executor: Executor = Executor(), *, allow_pickle: bool = False
+) -> str:
     """study -> train (one nested run per seed) -> sweep -> analyze, all nested. An unfinished
     study of the same settings is continued: finished train runs are reused, unfinished ones
-    resumed from their checkpoints, the sweep skips finished cells, analysis runs once."""
+    resumed from their checkpoints, the sweep skips finished cells, analysis runs once.
+    `allow_pickle`: models reused from an older prunecxr (no weights file) may be unpickled."""
     key = study_key(config)
     resume_id = tracking.find_unfinished_run_id("study", STUDY_KEY_TAG, key)
     if resume_id:
@@ -118,9 +121,9 @@ def run_study(config: StudyConfig, executor: Executor = Executor()) -> str:
                 [(context, study_id, config.train, seed) for seed in config.seeds],
                 [f"seed {seed}" for seed in config.seeds],
             )
-            sweep_id = _sweep(study_id, config, train_ids, executor)
+            sweep_id = _sweep(study_id, config, train_ids, executor, allow_pickle)
             if not tracking.finished_children(study_id, "analyze"):
-                analyze_sweep(sweep_id)
+                analyze_sweep(sweep_id, allow_pickle=allow_pickle)
     return study_id
 
 
@@ -144,9 +147,13 @@ def _train_seed(context: WorkerContext, study_id: str, train: TrainConfig, seed:
     return continue_or_train(mine, dataclasses.replace(train, seed=seed), study_id)
 
 
-def _sweep(study_id: str, config: StudyConfig, train_ids: list[str], executor: Executor) -> str:
+def _sweep(
+    study_id: str, config: StudyConfig, train_ids: list[str], executor: Executor, allow_pickle
+) -> str:
     """The study's finished sweep if it has one, else the sweep run (new or continued)."""
-    sources = [load_source(f"runs:/{run_id}/model") for run_id in train_ids]
+    sources = [
+        load_source(f"runs:/{run_id}/model", allow_pickle=allow_pickle) for run_id in train_ids
+    ]
     methods, sparsities = list(config.methods), list(config.sparsities)
     key = sweep_key(sources, methods, sparsities)
     finished = tracking.finished_child_ids_by_tag(study_id, "sweep", SWEEP_KEY_TAG)

@@ -301,9 +301,28 @@ def log_model(model: nn.Module, input_example: np.ndarray) -> None:
         input_example=input_example,
         serialization_format="pickle",
     )
+    with tempfile.TemporaryDirectory() as tmp:  # what prunecxr loads: no code in it
+        torch.save(model.state_dict(), Path(tmp) / WEIGHTS_ARTIFACT)
+        mlflow.log_artifact(str(Path(tmp) / WEIGHTS_ARTIFACT))
 
 
-def load_model(model_uri: str) -> nn.Module:
+WEIGHTS_ARTIFACT = "model_weights.pt"  # the logged model's state dict, beside the pickle model
+
+
+def load_weights(run_id: str) -> dict | None:
+    """The state dict of the model `run_id` logged, read without unpickling code
+    (torch.load weights_only); None for a run logged before models came with it."""
+    import torch
+
+    if not has_artifact(run_id, WEIGHTS_ARTIFACT):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = download_artifact(run_id, WEIGHTS_ARTIFACT, Path(tmp))
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_pickled_model(model_uri: str) -> nn.Module:
+    """The whole pickled MLflow model: unpickling can run code, so only on the user's opt-in."""
     try:
         return mlflow.pytorch.load_model(model_uri, map_location="cpu")
     except Exception as error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -78,6 +79,25 @@ def test_prune_defaults_to_the_newest_train_run_and_logs_a_complete_run(
         mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="per_class_metrics.csv")
     )
     assert list(per_class["class"]) == list(NIH.classes)
+    # prunecxr itself reads the pruned model from its weights file, never the pickle: with every
+    # pickled model gone from the store, it loads with its smaller shapes and the same outputs.
+    for pickled in Path.cwd().glob("**/data/model.pth"):  # the store is under the test's cwd
+        pickled.unlink()
+    reread = load_source(f"runs:/{run_id}/model").model.eval()
+    assert reread.layer1[0].conv1.out_channels == model.layer1[0].conv1.out_channels
+    reread_probs = sigmoid(predict_logits(reread, test.images, runtime=resolve_runtime("cpu")))
+    np.testing.assert_allclose(reread_probs, probs, atol=1e-6)
+
+
+def test_a_model_without_a_weights_file_is_unpickled_only_when_allowed(trained):
+    """Runs logged by an older prunecxr have only the pickled MLflow model."""
+    (weights,) = Path.cwd().glob(f"**/{trained}/artifacts/{tracking.WEIGHTS_ARTIFACT}")
+    expected = load_source(f"runs:/{trained}/model").model.state_dict()
+    weights.unlink()
+    with pytest.raises(PrunecxrError, match="unpickling can run code: pass --allow-pickle"):
+        load_source(f"runs:/{trained}/model")
+    unpickled = load_source(f"runs:/{trained}/model", allow_pickle=True).model.state_dict()
+    assert all(torch.equal(unpickled[key], value) for key, value in expected.items())
 
 
 def _dense_macs(train_run_id: str) -> float:

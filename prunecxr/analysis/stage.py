@@ -34,7 +34,9 @@ def default_sweep_run_id() -> str:
     return tracking.newest_finished_run_id("sweep", how_to_make_one=hint)
 
 
-def analyze_sweep(sweep_run_id: str, *, cooccurrence_mode: str = "paper") -> str:
+def analyze_sweep(
+    sweep_run_id: str, *, cooccurrence_mode: str = "paper", allow_pickle: bool = False
+) -> str:
     """Analyze every prune run under `sweep_run_id`; returns the analyze run's id."""
     stage = tracking.run_stage(tracking.get_run(sweep_run_id))
     if stage != "sweep":
@@ -56,7 +58,9 @@ def analyze_sweep(sweep_run_id: str, *, cooccurrence_mode: str = "paper") -> str
             f"sweep {sweep_run_id} has {len(cells)} finished prune runs but only {len(frames)} "
             f"distinct (method, seed, sparsity) cells: two models share a seed"
         )
-    source = source_of_cell(cells[0][1])  # data, labels and unpruned weights (histogram)
+    source = source_of_cell(
+        cells[0][1], allow_pickle=allow_pickle
+    )  # data, labels and unpruned weights (histogram)
     schema = get_schema(source.data.dataset)
     train_labels = read_labels(schema, Path(source.data.label_dir), "train").labels
     preds = from_prediction_frames(schema, frames, train_labels)
