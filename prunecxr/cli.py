@@ -324,6 +324,17 @@ def analyze(sweep_run_id, cooccurrence, allow_pickle, experiment, **published) -
     click.echo(f"analyze run {run_id}: report at runs:/{run_id}/report.html")
 
 
+@cli.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def upload(folder) -> None:
+    """Send what a train run kept in FOLDER while its tracking server was away (the error
+    line of that run names the folder and this command)."""
+    from prunecxr import tracking
+
+    run_id, count = tracking.upload_kept(folder)
+    click.echo(f"run {run_id}: {count} kept calls sent; {tracking.where_to_browse(run_id)}")
+
+
 @cli.group()
 def cache() -> None:
     """List or remove decoded-image caches (one .npy file per split and image size)."""

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,13 +21,14 @@ import mlflow.pytorch
 import numpy as np
 import pandas as pd
 import requests
-from mlflow.entities import Param, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from torch import nn
 
 from prunecxr import PrunecxrError
 from prunecxr.data.schemas import get_schema
+from prunecxr.outbox import Outbox
 
 log = logging.getLogger(__name__)
 STAGE_TAG = "prunecxr.stage"
@@ -168,11 +170,14 @@ def start_run(
     run_id: str | None = None,
     parent_run_id: str | None = None,
     system_metrics: bool = False,
+    outbox_root: Path | None = None,
 ) -> Iterator[str]:
     """A run tagged with its stage; nested under `parent_run_id`, else under the active run if
     there is one (active runs are per thread). `run_id` continues an existing run (resume).
     `system_metrics`: MLflow samples CPU, memory and GPU use into the run while it is open (so
-    the UI shows whether the GPU was starved). Yields the run id."""
+    the UI shows whether the GPU was starved). `outbox_root`: what the run logs while the
+    tracking server is away is kept in `outbox_root/<run id>` (see _kept_while_away). Yields
+    the run id."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
     nested = parent_run_id is not None or mlflow.active_run() is not None
@@ -188,7 +193,130 @@ def start_run(
         log_system_metrics=system_metrics,
     ) as run:
         mlflow.set_tag(STAGE_TAG, stage)
-        yield run.info.run_id
+        if outbox_root is None:
+            yield run.info.run_id
+        else:
+            with _kept_while_away(run.info.run_id, Path(outbox_root) / run.info.run_id):
+                yield run.info.run_id
+
+
+# A tracking server that goes away mid-run (train runs, see outbox.py): at the run's end, how
+# long to wait for it before leaving what was kept for `prunecxr upload`.
+OUTAGE_WAIT_SECONDS = float(os.environ.get("PRUNECXR_OUTAGE_WAIT_SECONDS", "300"))
+_outbox: Outbox | None = None  # set while a run keeps what the server cannot take
+
+
+def server_answers(uri: str) -> bool:
+    """A local store always does; a tracking server when its /health answers within seconds."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        return requests.get(f"{uri.rstrip('/')}/health", timeout=3).ok
+    except requests.RequestException:
+        return False
+
+
+@contextlib.contextmanager
+def _kept_while_away(run_id: str, folder: Path) -> Iterator[None]:
+    """Metrics, files and the model the run logs while the server is away are kept in `folder`
+    and sent when it answers again. If it is still away when the run ends (after waiting
+    OUTAGE_WAIT_SECONDS), the run's end is kept too, and one error line names the command that
+    sends it all later."""
+    global _outbox
+    uri = mlflow.get_tracking_uri()
+    _outbox = box = Outbox(folder, run_id, uri, _perform, server_answers)
+    status, failed = "FINISHED", False
+    try:
+        # A call the server drops midway fails in seconds and is kept, instead of MLflow's
+        # retries holding the training for minutes (7 retries, backoff up to 2 minutes).
+        with _environment(
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1"
+        ):
+            yield
+    except BaseException as error:
+        status, failed = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", True
+        raise
+    finally:
+        _outbox = None
+        if box.records:
+            log.warning("waiting up to %.0f s for the tracking server %s", OUTAGE_WAIT_SECONDS, uri)
+        if not box.wait(OUTAGE_WAIT_SECONDS):
+            box.keep({"kind": "end", "status": status})
+            _end_run_offline(status)
+            message = (
+                f"the tracking server {uri} went away during run {run_id} and has not come back: "
+                f"what the run logged since is kept in {folder}; when the server is back, send it "
+                f"with: prunecxr upload {folder}"
+            )
+            if not failed:
+                raise PrunecxrError(message)
+            log.error(message)
+
+
+def _end_run_offline(status: str) -> None:
+    """End MLflow's active run in this process without minutes of retries against a server
+    that is away (the run's status on the server is set by the kept "end" record)."""
+    fast = _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="2")
+    with fast, contextlib.suppress(Exception):
+        mlflow.end_run(status)
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Environment variables set for a while (MLflow reads its settings at each request); a
+    value the user set is kept."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update({key: value for key, value in values.items() if before[key] is None})
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+
+
+def _send(direct: Callable[[], None], record: dict) -> bool:
+    """`direct()`, or, while a run keeps what the server cannot take, through the outbox."""
+    if _outbox is None:
+        direct()
+        return True
+    return _outbox.call(direct, record)
+
+
+def _perform(run_id: str, record: dict) -> None:
+    """Make a kept logging call (outbox.py) on the server."""
+    client, files = MlflowClient(), record["files"]
+    if record["kind"] == "metrics":
+        metrics = [
+            Metric(key, value, record["timestamp"], record["step"])
+            for key, value in record["metrics"].items()
+        ]
+        client.log_batch(run_id, metrics=metrics)
+    elif record["kind"] == "artifact":
+        client.log_artifact(run_id, files["file"], record["artifact_dir"])
+    elif record["kind"] == "model":
+        _log_kept_model(run_id, files["weights"], files["example"])
+    elif record["kind"] == "end":
+        client.set_terminated(run_id, record["status"])
+    else:
+        raise PrunecxrError(f"unknown kept record {record['kind']!r}")
+
+
+def upload_kept(folder: Path) -> tuple[str, int]:
+    """Send what a run left in `folder` while its tracking server was away (to
+    MLFLOW_TRACKING_URI if set, else to the server it was logging to). -> (run id, calls sent)."""
+    if not (Path(folder) / "meta.json").is_file():
+        raise PrunecxrError(f"{folder} holds nothing a run kept (no meta.json)")
+    box = Outbox.open(folder, _perform, server_answers)
+    box.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or box.tracking_uri
+    mlflow.set_tracking_uri(box.tracking_uri)
+    count = len(box.records)
+    if not box.flush(now=True):
+        raise PrunecxrError(
+            f"the tracking server {box.tracking_uri} does not answer; {folder} is kept: run this "
+            f"again when it is back"
+        )
+    return box.run_id, count
 
 
 RESOLVED_SUFFIX = "_resolved"
@@ -239,7 +367,9 @@ def _same_value(a: str, b: str) -> bool:
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    mlflow.log_metrics(metrics, step=step)
+    metrics = {key: float(value) for key, value in metrics.items()}
+    record = dict(kind="metrics", metrics=metrics, step=step or 0, timestamp=int(time.time() * 1e3))
+    _send(lambda: mlflow.log_metrics(metrics, step=step), record)
 
 
 def log_label_file(label_dir: str | Path, dataset: str, split: str) -> None:
@@ -270,12 +400,17 @@ def log_table(frame: pd.DataFrame, artifact_file: str) -> None:
             frame.to_parquet(path, index=False)
         else:
             frame.to_csv(path, index=False)
-        mlflow.log_artifact(str(path), _artifact_dir(artifact_file))
+        log_file(path, _artifact_dir(artifact_file))
 
 
-def log_file(path: Path, artifact_dir: str) -> None:
-    """Log a local file into `artifact_dir`, replacing an earlier file of the same name."""
-    mlflow.log_artifact(str(path), artifact_dir)
+def log_file(path: Path, artifact_dir: str | None, *, keep_while_away: bool = True) -> bool:
+    """Log a local file into `artifact_dir`, replacing an earlier file of the same name. While
+    the server is away it is kept to be sent later, or, without `keep_while_away`, not logged.
+    -> whether it was sent now."""
+    if _outbox is not None and not keep_while_away and not _outbox.server_answers():
+        return False
+    record = {"kind": "artifact", "artifact_dir": artifact_dir, "files": {"file": str(path)}}
+    return _send(lambda: mlflow.log_artifact(str(path), artifact_dir), record)
 
 
 def _artifact_dir(artifact_file: str) -> str | None:
@@ -292,6 +427,37 @@ def log_model(model: nn.Module, input_example: np.ndarray) -> None:
     from prunecxr.runtime import standard_layout
 
     model = standard_layout(model.float().cpu()).eval()
+    if _outbox is None:
+        _log_model(model, input_example)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, example = Path(tmp) / WEIGHTS_ARTIFACT, Path(tmp) / "input_example.npy"
+        torch.save(model.state_dict(), weights)
+        np.save(example, input_example)
+        files = {"weights": str(weights), "example": str(example)}
+        _send(lambda: _log_model(model, input_example), {"kind": "model", "files": files})
+
+
+def _log_kept_model(run_id: str, weights: str, example: str) -> None:
+    """A model kept while the server was away, rebuilt from its weights and logged."""
+    import torch
+
+    from prunecxr.models import create_model, load_weights_into
+
+    params = run_settings(get_run(run_id))
+    model = create_model(params["arch"], get_schema(params["dataset"]).num_classes)
+    load_weights_into(model, torch.load(weights, map_location="cpu", weights_only=True))
+    active = mlflow.active_run()
+    if active and active.info.run_id == run_id:
+        _log_model(model.eval(), np.load(example))
+        return
+    with mlflow.start_run(run_id=run_id):  # `prunecxr upload`: the kept "end" sets the status
+        _log_model(model.eval(), np.load(example))
+
+
+def _log_model(model: nn.Module, input_example: np.ndarray) -> None:
+    import torch
+
     with torch.inference_mode():
         output = model(torch.from_numpy(input_example)).numpy()
     mlflow.pytorch.log_model(

@@ -360,6 +360,7 @@ def _train(
             run_id=run_id,
             parent_run_id=parent_run_id,
             system_metrics=True,
+            outbox_root=Path(config.cache_dir) / "outbox",
         ) as active_id,
         ownership.owned(active_id),
     ):
@@ -442,12 +443,14 @@ class Checkpoints:
     def upload_last(self) -> None:
         """The final checkpoint to the run; the local copy is then no longer needed."""
         if self.pending:
-            self._upload()
+            self._upload(keep_while_away=True)
         self.path.unlink(missing_ok=True)
 
-    def _upload(self) -> None:
-        tracking.log_file(self.path, CHECKPOINT_DIR)
-        self.uploaded_at, self.pending = time.monotonic(), False
+    def _upload(self, *, keep_while_away: bool = False) -> None:
+        """While the tracking server is away, only the last checkpoint is kept to be sent: the
+        local file is newer and serves --resume."""
+        if tracking.log_file(self.path, CHECKPOINT_DIR, keep_while_away=keep_while_away):
+            self.uploaded_at, self.pending = time.monotonic(), False
 
 
 def _log_final(state: TrainState, config: TrainConfig, test: SplitData, runtime) -> None:

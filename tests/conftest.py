@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -74,40 +76,50 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """A real `mlflow server` on 127.0.0.1 with server-served artifacts; stopped afterwards."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend-store-uri",
-        f"sqlite:///{root / 'server.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--workers",
-        "1",
-    ]
-    log = open(root / "server.log", "w")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    url = f"http://127.0.0.1:{port}"
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     try:
-        if not wait_until_ok(f"{url}/health", 90, lambda: server.poll() is None):
-            log.flush()
-            tail = (root / "server.log").read_text()[-2000:]
-            raise RuntimeError(f"mlflow server did not start (exit code {server.poll()}): {tail}")
-        yield url
+        yield server.start()
     finally:
-        server.terminate()
+        server.stop()
+
+
+class MlflowServer:
+    """A real `mlflow server` with its store and artifacts in `root`; it can be stopped and
+    started again on the same port with the same data (a server that goes away)."""
+
+    def __init__(self, root: Path):
+        self.root, self.port, self.process = root, _free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> str:
+        command = [
+            *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"),
+            *("--port", str(self.port), "--workers", "1"),
+            *("--backend-store-uri", f"sqlite:///{self.root / 'server.db'}"),
+            *("--artifacts-destination", str(self.root / "artifacts")),
+        ]
+        with open(self.root / "server.log", "a") as log:
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True
+            )
+        if not wait_until_ok(f"{self.url}/health", 90, lambda: self.process.poll() is None):
+            tail = (self.root / "server.log").read_text()[-2000:]
+            self.stop()
+            raise RuntimeError(f"mlflow server did not start: {tail}")
+        return self.url
+
+    def stop(self) -> None:
+        """Stop the server and its workers (their process group)."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
         try:
-            server.wait(timeout=20)
+            self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=20)
+        self.process = None
 
 
 def wait_until_ok(url: str, timeout: float, still_starting=lambda: True) -> bool:
