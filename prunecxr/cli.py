@@ -426,6 +426,16 @@ def main(argv: list[str] | None = None) -> None:
     except PermissionError as error:  # e.g. an output folder mounted read-only or root-owned
         click.echo(f"error: no permission to write {error.filename}: {error.strerror}", err=True)
         sys.exit(1)
+    except Exception as error:
+        uri = tracking.absolute_tracking_uri()
+        if tracking.server_answers(uri):
+            raise
+        click.echo(  # whatever failed, the cause is the server: one line, no traceback
+            f"error: the tracking server {uri} stopped answering ({type(error).__name__}); run "
+            f"the same command again when it is back: finished work continues",
+            err=True,
+        )
+        sys.exit(1)
 
 
 def _show_progress_notes() -> None:
