@@ -7,6 +7,8 @@ and a running daemon (`bash ci/docker/daemon.sh`); .ci/run does both.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import secrets
 import subprocess
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import _free_port, wait_until_ok
@@ -152,34 +155,54 @@ class Stack:
     compose: list[str]
     env: dict[str, str]
     admin_password: str
+    trainer_password: str
+    db_password: str
+
+
+def env_files(folder: Path, **secrets_: str) -> dict[str, str]:
+    """The two env files from their examples, each placeholder replaced as given; -> the
+    compose variables that point at them."""
+    paths = {}
+    for name in ("tracking", "trainer"):
+        text = (ROOT / f".env.{name}.example").read_text()
+        for placeholder, value in secrets_.items():
+            text = text.replace(f"change-me-{placeholder.replace('_', '-')}", value)
+        paths[name] = folder / f"env.{name}"
+        paths[name].write_text(text)
+    return {"TRACKING_ENV_FILE": str(paths["tracking"]), "TRAINER_ENV_FILE": str(paths["trainer"])}
+
+
+def stack_env(files: dict[str, str]) -> dict[str, str]:
+    return {
+        **os.environ,
+        **files,
+        "TRACKING_PORT": str(_free_port()),
+        "POSTGRES_IMAGE": "prunecxr-ci/postgres:15",
+        "TRACKING_IMAGE": "prunecxr-tracking:ci",
+        "PRUNECXR_IMAGE": IMAGE,
+    }
 
 
 @pytest.fixture
 def stack(images, tmp_path):
     """`docker compose up tracking` with fresh credentials; torn down (volumes too) afterwards."""
-    admin_password = secrets.token_hex(12)
-    env_file = tmp_path / "env.tracking"
-    text = (ROOT / ".env.tracking.example").read_text()
-    text = text.replace("change-me-admin-password", admin_password)
-    text = text.replace("change-me-db-password", secrets.token_hex(12))
-    env_file.write_text(text.replace("change-me-secret-key", secrets.token_hex(32)))
-    port = _free_port()
-    env = {
-        **os.environ,
-        "TRACKING_ENV_FILE": str(env_file),
-        "TRACKING_PORT": str(port),
-        "POSTGRES_IMAGE": "prunecxr-ci/postgres:15",
-        "TRACKING_IMAGE": "prunecxr-tracking:ci",
-        "PRUNECXR_IMAGE": IMAGE,
-    }
+    admin, trainer, db = (secrets.token_hex(12) for _ in range(3))
+    files = env_files(
+        tmp_path,
+        admin_password=admin,
+        trainer_password=trainer,
+        db_password=db,
+        secret_key=secrets.token_hex(32),
+    )
+    env = stack_env(files)
     project = f"prunecxr-test-{os.getpid()}"
     compose = [*compose_command(), "-p", project, "-f", str(ROOT / "docker-compose.yml")]
     try:
         up = run(*compose, "up", "-d", "tracking", env=env)
         assert up.returncode == 0, up.stderr
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{env['TRACKING_PORT']}"
         wait_until_healthy(url, compose, env)
-        yield Stack(url, compose, env, admin_password)
+        yield Stack(url, compose, env, admin, trainer, db)
     finally:
         run(*compose, "down", "--volumes", "--remove-orphans", env=env)
 
@@ -212,6 +235,7 @@ def test_compose_stack_tracks_runs_in_postgres_behind_basic_auth(stack, monkeypa
     assert api_status(stack.url) == 401
     assert api_status(stack.url, "admin", "not-the-password") == 401
     assert api_status(stack.url, "admin", stack.admin_password) == 200
+    assert api_status(stack.url, "trainer", stack.trainer_password) == 200
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stack.admin_password)
@@ -234,16 +258,88 @@ def test_compose_stack_tracks_runs_in_postgres_behind_basic_auth(stack, monkeypa
     assert count.returncode == 0, count.stderr
     assert int(count.stdout.strip()) == len(STUDY_STAGES)
 
+    # The study was logged by the trainers' own account (an experiment it made, so it may
+    # write there); it may not write into an experiment someone else made, nor act as admin.
+    admins = client.create_experiment("admin-only")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "trainer")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stack.trainer_password)
+    with pytest.raises(MlflowException, match="PERMISSION_DENIED|403"):
+        MlflowClient(stack.url).create_run(admins)
+    with pytest.raises(urllib.error.HTTPError, match="403"):
+        api_get(stack.url, "users/get?username=admin", ("trainer", stack.trainer_password))
+
+
+def test_compose_trainers_see_no_server_secret_and_no_command_line_shows_one(stack):
+    env = run(
+        *stack.compose,
+        *("run", "--rm", "--no-deps", "--entrypoint", "env", "prunecxr-cpu"),
+        env=stack.env,
+    )
+    assert env.returncode == 0, env.stderr
+    assert "MLFLOW_TRACKING_USERNAME=trainer" in env.stdout
+    for secret in (stack.db_password, stack.admin_password):
+        assert secret not in env.stdout
+    for name in ("POSTGRES_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET"):
+        assert name not in env.stdout
+    # The host sees every container's processes: none has a password in its command line.
+    command_lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            command_lines.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    assert any("mlflow server" in line or "uvicorn" in line for line in command_lines)
+    assert any(line.startswith("postgres -D") for line in command_lines)  # the stack's are there
+    for line in command_lines:
+        assert stack.db_password not in line and stack.admin_password not in line, line
+
+
+def test_compose_tracking_server_refuses_placeholder_and_short_secrets(images, tmp_path):
+    compose = [*compose_command(), "-p", f"prunecxr-refuse-{os.getpid()}"]
+    compose += ["-f", str(ROOT / "docker-compose.yml")]
+    cases = {  # what the env files hold -> what the error names
+        "placeholders": ({}, "POSTGRES_PASSWORD is still the example's placeholder"),
+        "short": (
+            dict(admin_password="short", trainer_password="a" * 16, db_password="b" * 16),
+            "MLFLOW_AUTH_ADMIN_PASSWORD is shorter than 12 characters",
+        ),
+    }
+    try:
+        for name, (values, says) in cases.items():
+            folder = tmp_path / name
+            folder.mkdir()
+            env = stack_env(env_files(folder, secret_key="c" * 32, **values))
+            started = run(*compose, "run", "--rm", "--no-deps", "tracking", env=env)
+            assert started.returncode != 0, name
+            assert "error: refusing to start: " in started.stderr and says in started.stderr
+    finally:
+        run(*compose, "down", "--volumes", "--remove-orphans", env=env)
+
+
+def api_get(url: str, path: str, credentials: tuple[str, str]) -> dict:
+    passwords = urllib.request.HTTPPasswordMgrWithDefaultRealm()
+    passwords.add_password(None, url, *credentials)
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPBasicAuthHandler(passwords)
+    )
+    with opener.open(f"{url}/api/2.0/mlflow/{path}") as response:
+        return json.load(response)
+
 
 def test_compose_file_reserves_gpus_and_binds_the_ui_to_localhost():
-    env = {**os.environ, "TRACKING_ENV_FILE": str(ROOT / ".env.tracking.example")}
+    env = {
+        **os.environ,
+        "TRACKING_ENV_FILE": str(ROOT / ".env.tracking.example"),
+        "TRAINER_ENV_FILE": str(ROOT / ".env.trainer.example"),
+    }
     config = run(*compose_command(), "-f", str(ROOT / "docker-compose.yml"), "config", env=env)
     assert config.returncode == 0, config.stderr
     services = yaml.safe_load(config.stdout)["services"]
     devices = services["prunecxr"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
     assert "deploy" not in services["prunecxr-cpu"]
-    assert services["prunecxr"]["environment"]["MLFLOW_TRACKING_URI"] == "http://tracking:5000"
+    trainer_env = services["prunecxr"]["environment"]
+    assert trainer_env["MLFLOW_TRACKING_URI"] == "http://tracking:5000"
+    assert trainer_env["MLFLOW_TRACKING_USERNAME"] == "trainer"
+    assert not {"POSTGRES_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD"} & set(trainer_env)
     port = services["tracking"]["ports"][0]
     published = port if isinstance(port, str) else f"{port['host_ip']}:{port['published']}"
     assert published.startswith("127.0.0.1:5000")
