@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -183,9 +184,11 @@ def stack_env(files: dict[str, str]) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def stack(images, tmp_path):
-    """`docker compose up tracking` with fresh credentials; torn down (volumes too) afterwards."""
+@pytest.fixture(scope="module")
+def stack(images, tmp_path_factory):
+    """`docker compose up tracking` with fresh credentials, shared by this module's compose
+    tests (each looks only at its own experiment); torn down, volumes too, afterwards."""
+    tmp_path = tmp_path_factory.mktemp("stack")
     admin, trainer, db = (secrets.token_hex(12) for _ in range(3))
     files = env_files(
         tmp_path,
@@ -252,7 +255,8 @@ def test_compose_stack_tracks_runs_in_postgres_behind_basic_auth(stack, monkeypa
         "db",
         "sh",
         "-c",
-        'psql -U "$POSTGRES_USER" -d "$POSTGRES_DB" -tAc "SELECT count(*) FROM runs"',
+        'psql -U "$POSTGRES_USER" -d "$POSTGRES_DB" -tAc "SELECT count(*) FROM runs JOIN '
+        "experiments USING (experiment_id) WHERE experiments.name = 'prunecxr'\"",
         env=stack.env,
     )
     assert count.returncode == 0, count.stderr
@@ -290,6 +294,24 @@ def test_compose_trainers_see_no_server_secret_and_no_command_line_shows_one(sta
     assert any(line.startswith("postgres -D") for line in command_lines)  # the stack's are there
     for line in command_lines:
         assert stack.db_password not in line and stack.admin_password not in line, line
+
+
+def test_compose_stack_takes_a_sweep_logged_from_several_processes_at_once(stack, tmp_path):
+    """bench/tracking_load.py at a tiny size (its numbers: docs/PERFORMANCE.md)."""
+    out = tmp_path / "load.json"
+    credentials = {
+        "MLFLOW_TRACKING_USERNAME": "trainer",
+        "MLFLOW_TRACKING_PASSWORD": stack.trainer_password,
+    }
+    load = run(
+        *(sys.executable, str(ROOT / "bench" / "tracking_load.py"), "--processes", "3"),
+        *("--cells", "2", "--test-images", "300", "--out", str(out)),
+        env={**os.environ, "MLFLOW_TRACKING_URI": stack.url, **credentials},
+    )
+    assert load.returncode == 0, load.stderr[-3000:]
+    (result,) = json.loads(out.read_text())["runs"]
+    assert (result["processes"], result["runs"], result["complete_runs"]) == (3, 6, 6)
+    assert result["all_arrived"] and result["cells_per_s"] > 0
 
 
 def test_compose_tracking_server_refuses_placeholder_and_short_secrets(images, tmp_path):
