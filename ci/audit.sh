@@ -11,8 +11,16 @@ VENV="${PRUNECXR_VENV:-.venv}"
 AUDIT_VENV="${PRUNECXR_AUDIT_VENV:-$HOME/.cache/prunecxr-audit-venv}"
 REPORT="${PRUNECXR_AUDIT_REPORT:-audit.json}"
 if [ ! -x "$AUDIT_VENV/bin/pip-audit" ]; then
-    python3 -m venv "$AUDIT_VENV" && "$AUDIT_VENV/bin/pip" install -q pip-audit || exit 0
+    if ! { python3 -m venv "$AUDIT_VENV" && "$AUDIT_VENV/bin/pip" install -q pip-audit; }; then
+        echo "pip-audit: could not be installed; dependencies not audited"
+        exit 0
+    fi
 fi
+rm -f "$REPORT"
 PIPAPI_PYTHON_LOCATION="$VENV/bin/python" "$AUDIT_VENV/bin/pip-audit" --skip-editable \
     --progress-spinner off --format json --output "$REPORT" 2>/dev/null
-"$VENV/bin/python" "$(dirname "$0")/audit_report.py" "$REPORT"
+if [ ! -s "$REPORT" ]; then
+    echo "pip-audit: no report written; dependencies not audited"
+    exit 0
+fi
+"$VENV/bin/python" "$(dirname "$0")/audit_report.py" "$REPORT" || echo "pip-audit: report unreadable"

@@ -326,12 +326,16 @@ def analyze(sweep_run_id, cooccurrence, allow_pickle, experiment, **published) -
 
 @cli.command()
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def upload(folder) -> None:
+@click.option(
+    "--tracking-uri",
+    help="Where to send it [default: the server the run was logging to]; for a server that moved.",
+)
+def upload(folder, tracking_uri) -> None:
     """Send what a train run kept in FOLDER while its tracking server was away (the error
     line of that run names the folder and this command)."""
     from prunecxr import tracking
 
-    run_id, count = tracking.upload_kept(folder)
+    run_id, count = tracking.upload_kept(folder, tracking_uri)
     click.echo(f"run {run_id}: {count} kept calls sent; {tracking.where_to_browse(run_id)}")
 
 

@@ -3,7 +3,6 @@ that turn the flat option values into the library's explicit arguments."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from pathlib import Path
 
@@ -278,7 +277,7 @@ def load_source_from_settings(uri: str, settings: dict, seed: int | None = None)
             skip_bad_images=settings["skip_bad_images"],
         )
     cache_dir = str(settings["cache_dir"]) if settings["cache_dir"] else None
-    source = load_source(
+    return load_source(
         uri,
         fallback=fallback,
         arch=settings["arch"],
@@ -286,11 +285,6 @@ def load_source_from_settings(uri: str, settings: dict, seed: int | None = None)
         seed=seed,
         allow_pickle=settings["allow_pickle"],
     )
-    if settings["skip_bad_images"]:  # also for a train run's data that has gone bad since
-        source = dataclasses.replace(
-            source, data=dataclasses.replace(source.data, skip_bad_images=True)
-        )
-    return source
 
 
 def checkpoint_seeds(uris: list[str], text: str | None) -> list[int | None]:

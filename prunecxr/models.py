@@ -94,7 +94,7 @@ def load_weights_into(model: nn.Module, state: dict) -> nn.Module:
                 module._buffers[key] = torch.empty_like(saved)
         _match_shape_attributes(module)
     model.load_state_dict(state)
-    return model
+    return model.eval()
 
 
 def _match_shape_attributes(module: nn.Module) -> None:

@@ -7,6 +7,7 @@ The calls themselves are made by `perform` (tracking.py: the only module that ta
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -16,6 +17,11 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 RETRY_SECONDS = 20  # while records wait: how often the server is asked again
+
+
+class _Away(Exception):
+    """The tracking server does not answer."""
+
 
 Record = dict  # {"kind": "metrics" | "artifact" | "model" | "end", ...; "files": {name: path}}
 
@@ -52,13 +58,25 @@ class Outbox:
         files copied) to be sent later. -> whether it was sent now."""
         if self.flush() and self.server_answers():
             try:
-                direct()
+                self._twice_if_answering(direct)
                 return True
-            except Exception:
-                if self.server_answers():  # not an outage: a real error
-                    raise
+            except _Away:
+                pass
         self.keep(record)
         return False
+
+    def _twice_if_answering(self, call: Callable[[], None]) -> None:
+        """`call()`; if it fails while the server answers, once more (it may have been
+        restarting); a second failure is a real error. Raises _Away when the server is away."""
+        for attempt in (1, 2):
+            try:
+                call()
+                return
+            except Exception:
+                if not self.server_answers():
+                    raise _Away from None
+                if attempt == 2:
+                    raise
 
     def keep(self, record: Record) -> None:
         files = self.folder / "files"
@@ -94,13 +112,14 @@ class Outbox:
             files = {name: str(self.folder / path) for name, path in record["files"].items()}
             try:
                 if not self.server_answers():
-                    raise ConnectionError
-                self._perform(self.run_id, {**record, "files": files})
-            except Exception:
-                if self.server_answers():  # not an outage: a real error
-                    raise
-                self._rewrite(records[done:])
-                return False
+                    raise _Away
+                kept = {**record, "files": files}
+                self._twice_if_answering(functools.partial(self._perform, self.run_id, kept))
+            except BaseException as error:
+                self._rewrite(records[done:])  # what was sent is never sent again
+                if isinstance(error, _Away):
+                    return False
+                raise
         shutil.rmtree(self.folder)
         log.warning(
             "the tracking server %s is back: %d kept calls sent", self.tracking_uri, len(records)
@@ -108,12 +127,16 @@ class Outbox:
         return True
 
     def wait(self, seconds: float) -> bool:
-        """Flush, asking every few seconds for up to `seconds`. -> True when all was sent."""
+        """Flush, asking every few seconds for up to `seconds` (Ctrl-C stops waiting). -> True
+        when all was sent."""
         deadline = time.monotonic() + seconds
-        while not self.flush(now=True):
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        try:
+            while not self.flush(now=True):
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        except KeyboardInterrupt:
+            return False
         return True
 
     def _rewrite(self, records: list[Record]) -> None:

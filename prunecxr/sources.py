@@ -114,7 +114,10 @@ def _run_model(uri: str, run_id: str, arch: str, dataset: str, allow_pickle: boo
     state = tracking.load_weights(run_id)
     if state is not None:
         model = create_model(arch, get_schema(dataset).num_classes)
-        return load_weights_into(model, state)
+        try:
+            return load_weights_into(model, state)
+        except RuntimeError as error:
+            raise PrunecxrError(f"{uri}: its weights do not fit {arch}: {error}") from None
     if not allow_pickle:
         raise PrunecxrError(
             f"{uri} has no weights file ({tracking.WEIGHTS_ARTIFACT}; logged by an older "

@@ -219,46 +219,45 @@ def server_answers(uri: str) -> bool:
 @contextlib.contextmanager
 def _kept_while_away(run_id: str, folder: Path) -> Iterator[None]:
     """Metrics, files and the model the run logs while the server is away are kept in `folder`
-    and sent when it answers again. If it is still away when the run ends (after waiting
-    OUTAGE_WAIT_SECONDS), the run's end is kept too, and one error line names the command that
-    sends it all later."""
+    and sent when it answers again; the run is ended here (not by MLflow's context). If the
+    server is still away when the run ends (after waiting OUTAGE_WAIT_SECONDS), the run's end is
+    kept too, and one error line names the command that sends it all later."""
     global _outbox
     uri = mlflow.get_tracking_uri()
     _outbox = box = Outbox(folder, run_id, uri, _perform, server_answers)
     status, failed = "FINISHED", False
-    try:
-        # A call the server drops midway fails in seconds and is kept, instead of MLflow's
-        # retries holding the training for minutes (7 retries, backoff up to 2 minutes).
-        with _environment(
-            MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1"
-        ):
+    # A call the server drops midway fails in seconds and is kept, instead of MLflow's retries
+    # holding the training for minutes (7 retries, backoff up to 2 minutes).
+    with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1"):
+        try:
             yield
-    except BaseException as error:
-        status, failed = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", True
-        raise
-    finally:
-        _outbox = None
-        if box.records:
-            log.warning("waiting up to %.0f s for the tracking server %s", OUTAGE_WAIT_SECONDS, uri)
-        if not box.wait(OUTAGE_WAIT_SECONDS):
-            box.keep({"kind": "end", "status": status})
-            _end_run_offline(status)
-            message = (
-                f"the tracking server {uri} went away during run {run_id} and has not come back: "
-                f"what the run logged since is kept in {folder}; when the server is back, send it "
-                f"with: prunecxr upload {folder}"
-            )
-            if not failed:
-                raise PrunecxrError(message)
-            log.error(message)
+        except BaseException as error:
+            status, failed = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", True
+            raise
+        finally:
+            _outbox = None
+            if box.records:
+                log.warning("waiting up to %.0f s for the server %s", OUTAGE_WAIT_SECONDS, uri)
+            if not (box.wait(OUTAGE_WAIT_SECONDS) and _end_run(status)):
+                box.keep({"kind": "end", "status": status})
+                message = (
+                    f"the tracking server {uri} went away during run {run_id} and has not come "
+                    f"back: what the run logged since is kept in {folder}; when the server is "
+                    f"back, send it with: prunecxr upload {folder}"
+                )
+                if not failed:
+                    raise PrunecxrError(message)
+                log.error(message)
 
 
-def _end_run_offline(status: str) -> None:
-    """End MLflow's active run in this process without minutes of retries against a server
-    that is away (the run's status on the server is set by the kept "end" record)."""
-    fast = _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="2")
-    with fast, contextlib.suppress(Exception):
+def _end_run(status: str) -> bool:
+    """End MLflow's active run (in this process always; MLflow takes it off its stack before
+    asking the server). -> whether the server recorded it."""
+    try:
         mlflow.end_run(status)
+        return True
+    except Exception:
+        return False
 
 
 @contextlib.contextmanager
@@ -302,13 +301,13 @@ def _perform(run_id: str, record: dict) -> None:
         raise PrunecxrError(f"unknown kept record {record['kind']!r}")
 
 
-def upload_kept(folder: Path) -> tuple[str, int]:
-    """Send what a run left in `folder` while its tracking server was away (to
-    MLFLOW_TRACKING_URI if set, else to the server it was logging to). -> (run id, calls sent)."""
+def upload_kept(folder: Path, tracking_uri: str | None = None) -> tuple[str, int]:
+    """Send what a run left in `folder` while its tracking server was away, to the server it
+    was logging to (or `tracking_uri`, where the server has moved). -> (run id, calls sent)."""
     if not (Path(folder) / "meta.json").is_file():
         raise PrunecxrError(f"{folder} holds nothing a run kept (no meta.json)")
     box = Outbox.open(folder, _perform, server_answers)
-    box.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or box.tracking_uri
+    box.tracking_uri = tracking_uri or box.tracking_uri
     mlflow.set_tracking_uri(box.tracking_uri)
     count = len(box.records)
     if not box.flush(now=True):
@@ -407,8 +406,9 @@ def log_file(path: Path, artifact_dir: str | None, *, keep_while_away: bool = Tr
     """Log a local file into `artifact_dir`, replacing an earlier file of the same name. While
     the server is away it is kept to be sent later, or, without `keep_while_away`, not logged.
     -> whether it was sent now."""
-    if _outbox is not None and not keep_while_away and not _outbox.server_answers():
-        return False
+    if _outbox is not None and not keep_while_away:
+        if not (_outbox.flush() and _outbox.server_answers()):  # away, or calls still wait
+            return False
     record = {"kind": "artifact", "artifact_dir": artifact_dir, "files": {"file": str(path)}}
     return _send(lambda: mlflow.log_artifact(str(path), artifact_dir), record)
 

@@ -273,8 +273,6 @@ def _training_job(context: WorkerContext, config: TrainConfig, parent_run_id: st
 def train_key(config: TrainConfig) -> str:
     """Identifies a training by what it computes (not where or how fast)."""
     fixed = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUME_OVERRIDABLE}
-    if not config.skip_bad_images:  # added later: trainings from before keep their keys
-        del fixed["skip_bad_images"]
     return hashlib.sha256(repr(sorted(fixed.items())).encode()).hexdigest()[:16]
 
 
@@ -300,7 +298,11 @@ RUNTIME_FIELDS = (
     "cache_dir",
 )
 # What a resumed run may change besides: how long it trains; the data may have moved.
-RESUME_OVERRIDABLE = (*RUNTIME_FIELDS, "max_epochs", "patience", "data_dir", "label_dir")
+# --skip-bad-images: an image that went bad since need not end a week-long training.
+RESUME_OVERRIDABLE = (
+    *RUNTIME_FIELDS,
+    *("max_epochs", "patience", "data_dir", "label_dir", "skip_bad_images"),
+)
 
 
 def resume_training(run_id: str, **overrides) -> str:

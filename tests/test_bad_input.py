@@ -1,5 +1,6 @@
 """Bad input, one case per row: one `error:` line naming the file, line or value, exit code 1,
-no traceback, and nothing written (no MLflow run, no cache file)."""
+no traceback, and nothing written (no MLflow run, no image cache; only the list of unreadable
+images is kept beside where the cache would be)."""
 
 from __future__ import annotations
 

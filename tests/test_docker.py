@@ -317,6 +317,7 @@ def test_compose_stack_takes_a_sweep_logged_from_several_processes_at_once(stack
 def test_compose_tracking_server_refuses_placeholder_and_short_secrets(images, tmp_path):
     compose = [*compose_command(), "-p", f"prunecxr-refuse-{os.getpid()}"]
     compose += ["-f", str(ROOT / "docker-compose.yml")]
+    env = os.environ
     cases = {  # what the env files hold -> what the error names
         "placeholders": ({}, "POSTGRES_PASSWORD is still the example's placeholder"),
         "short": (

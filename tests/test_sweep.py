@@ -81,8 +81,10 @@ def test_prune_defaults_to_the_newest_train_run_and_logs_a_complete_run(
     assert list(per_class["class"]) == list(NIH.classes)
     # prunecxr itself reads the pruned model from its weights file, never the pickle: with every
     # pickled model gone from the store, it loads with its smaller shapes and the same outputs.
-    for pickled in Path.cwd().glob("**/data/model.pth"):  # the store is under the test's cwd
-        pickled.unlink()
+    pickled = list(Path.cwd().glob("**/data/model.pth"))  # the store is under the test's cwd
+    assert len(pickled) == 2  # the train run's model and the prune run's
+    for path in pickled:
+        path.unlink()
     reread = load_source(f"runs:/{run_id}/model").model.eval()
     assert reread.layer1[0].conv1.out_channels == model.layer1[0].conv1.out_channels
     reread_probs = sigmoid(predict_logits(reread, test.images, runtime=resolve_runtime("cpu")))

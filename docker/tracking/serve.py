@@ -87,7 +87,7 @@ def ensure_trainer_account(auth_database_uri: str) -> None:
     store = SqlAlchemyStore()
     store.init_db(auth_database_uri)
     if store.has_user(name):
-        store.update_user(name, password=password)
+        store.update_user(name, password=password, is_admin=False)
     else:
         store.create_user(name, password, is_admin=False)
 

@@ -51,6 +51,8 @@ def decode_image(path: Path, image_size: int, preprocess: str = "default") -> np
             return np.array(resized, dtype=np.uint8)
     except FileNotFoundError:
         raise UnreadableImage(path, "not found") from None
+    except PermissionError as error:  # the reader's rights, not the image: not remembered
+        raise PrunecxrError(f"cannot read image {path}: {error.strerror}") from None
     except (UnidentifiedImageError, OSError) as error:
         raise UnreadableImage(path, str(error)) from None
 
@@ -108,7 +110,8 @@ class BadImages(PrunecxrError):
         more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
         super().__init__(
             f"{len(bad)} unreadable image(s) listed in {label_file}: {shown}{more} (all in "
-            f"{listing}); fix or remove them, or pass --skip-bad-images to train without them"
+            f"{listing}); fix or remove them, or pass --skip-bad-images to train without them "
+            f"(prune and sweep follow their train run's choice)"
         )
 
 
@@ -168,7 +171,7 @@ class CacheFile:
 def list_caches(cache_dir: Path) -> list[CacheFile]:
     """The caches (and partial builds) in `cache_dir`, least recently used first."""
     files = []
-    for path in Path(cache_dir).glob("*.npy"):
+    for path in [*Path(cache_dir).glob("*.npy"), *Path(cache_dir).glob("*.bad.tsv")]:
         match = _PARTIAL.search(path.name)
         try:
             stat = path.stat()
