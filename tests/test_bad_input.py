@@ -233,7 +233,7 @@ def test_every_bad_image_is_listed_at_once_or_skipped_with_a_count(
     assert exit_.value.code == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"error: 3 unreadable image(s) listed in {data / LABELS}: ")
-    assert error.endswith("pass --skip-bad-images to train without them")
+    assert "or pass --skip-bad-images to train without them" in error
     (listing,) = cache.glob("*.bad.tsv")
     assert f"(all in {listing})" in error
     assert sorted(line.split("\t")[0] for line in listing.read_text().splitlines()) == sorted(
