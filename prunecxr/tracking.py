@@ -238,7 +238,8 @@ def _kept_while_away(run_id: str, folder: Path) -> Iterator[None]:
             _outbox = None
             if box.records:
                 log.warning("waiting up to %.0f s for the server %s", OUTAGE_WAIT_SECONDS, uri)
-            if not (box.wait(OUTAGE_WAIT_SECONDS) and _end_run(status)):
+            sent = box.wait(OUTAGE_WAIT_SECONDS)
+            if not (_end_run(status) and sent):  # ended in this process either way
                 box.keep({"kind": "end", "status": status})
                 message = (
                     f"the tracking server {uri} went away during run {run_id} and has not come "
