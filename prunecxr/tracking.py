@@ -239,7 +239,7 @@ def _kept_while_away(run_id: str, folder: Path) -> Iterator[None]:
             if box.records:
                 log.warning("waiting up to %.0f s for the server %s", OUTAGE_WAIT_SECONDS, uri)
             sent = box.wait(OUTAGE_WAIT_SECONDS)
-            if not (_end_run(status) and sent):  # ended in this process either way
+            if not (_end_run(status, uri) and sent):  # ended in this process either way
                 box.keep({"kind": "end", "status": status})
                 message = (
                     f"the tracking server {uri} went away during run {run_id} and has not come "
@@ -251,13 +251,15 @@ def _kept_while_away(run_id: str, folder: Path) -> Iterator[None]:
                 log.error(message)
 
 
-def _end_run(status: str) -> bool:
-    """End MLflow's active run (in this process always; MLflow takes it off its stack before
-    asking the server). -> whether the server recorded it."""
+def _end_run(status: str, uri: str) -> bool:
+    """End MLflow's active run (in this process always: MLflow takes it off its stack before
+    asking the server). -> whether the server recorded it; False only when it is away."""
     try:
         mlflow.end_run(status)
         return True
     except Exception:
+        if server_answers(uri):
+            raise
         return False
 
 
