@@ -76,6 +76,11 @@ def _load_backbone(model: nn.Module, path: Path) -> None:
         )
 
 
+def model_from_weights(arch: str, num_classes: int, state: dict) -> nn.Module:
+    """`arch` built and given `state` (a logged model's state dict), in eval mode."""
+    return load_weights_into(create_model(arch, num_classes), state)
+
+
 def load_weights_into(model: nn.Module, state: dict) -> nn.Module:
     """Load `state` into `model` of the same architecture, first giving every layer the shape
     its weights have there (a structurally pruned model has fewer channels)."""

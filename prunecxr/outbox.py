@@ -108,11 +108,11 @@ class Outbox:
             return True
         if not now and time.monotonic() - self._asked_at < RETRY_SECONDS:
             return False
+        if not self.server_answers():
+            return False
         for done, record in enumerate(records):
             files = {name: str(self.folder / path) for name, path in record["files"].items()}
-            try:
-                if not self.server_answers():
-                    raise _Away
+            try:  # a server that goes away midway makes the call fail: _Away
                 kept = {**record, "files": files}
                 self._twice_if_answering(functools.partial(self._perform, self.run_id, kept))
             except BaseException as error:

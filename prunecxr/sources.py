@@ -15,7 +15,7 @@ from torch import nn
 from prunecxr import PrunecxrError, tracking
 from prunecxr.data import get_schema
 from prunecxr.data.cache import DEFAULT_CACHE_DIR
-from prunecxr.models import create_model, load_state_file, load_weights_into
+from prunecxr.models import create_model, load_state_file, model_from_weights
 
 CHECKPOINT_PRETRAINED = "checkpoint"  # the `pretrained` param of a checkpoint file's cells
 _SEED_DIR = re.compile(r"_seed-(\d+)$")
@@ -113,9 +113,8 @@ def _run_source(uri: str, cache_dir: str | None, allow_pickle: bool) -> ModelSou
 def _run_model(uri: str, run_id: str, arch: str, dataset: str, allow_pickle: bool) -> nn.Module:
     state = tracking.load_weights(run_id)
     if state is not None:
-        model = create_model(arch, get_schema(dataset).num_classes)
         try:
-            return load_weights_into(model, state)
+            return model_from_weights(arch, get_schema(dataset).num_classes, state)
         except RuntimeError as error:
             raise PrunecxrError(f"{uri}: its weights do not fit {arch}: {error}") from None
     if not allow_pickle:

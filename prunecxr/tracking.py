@@ -445,17 +445,16 @@ def _log_kept_model(run_id: str, weights: str, example: str) -> None:
     """A model kept while the server was away, rebuilt from its weights and logged."""
     import torch
 
-    from prunecxr.models import create_model, load_weights_into
+    from prunecxr.models import model_from_weights
 
     params = run_settings(get_run(run_id))
-    model = create_model(params["arch"], get_schema(params["dataset"]).num_classes)
-    load_weights_into(model, torch.load(weights, map_location="cpu", weights_only=True))
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    model = model_from_weights(params["arch"], get_schema(params["dataset"]).num_classes, state)
     active = mlflow.active_run()
-    if active and active.info.run_id == run_id:
-        _log_model(model.eval(), np.load(example))
-        return
-    with mlflow.start_run(run_id=run_id):  # `prunecxr upload`: the kept "end" sets the status
-        _log_model(model.eval(), np.load(example))
+    # Under `prunecxr upload` the run is opened for it; the kept "end" then sets its status.
+    inside = active is not None and active.info.run_id == run_id
+    with contextlib.nullcontext() if inside else mlflow.start_run(run_id=run_id):
+        _log_model(model, np.load(example))
 
 
 def _log_model(model: nn.Module, input_example: np.ndarray) -> None:

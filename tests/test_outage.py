@@ -74,20 +74,33 @@ def _assert_complete(server: MlflowServer, run_id: str) -> None:
     assert load_source(f"runs:/{run_id}/model").model.fc.out_features == 20
 
 
+def _train_through_an_outage(server, data, cache, wait_seconds, while_away=lambda *_: None):
+    """`prunecxr train` with the server stopped once epoch 1 is logged; `while_away(run_id,
+    training)` runs then. -> (run id, exit code, stderr)."""
+    training = _train(server, data, cache, wait_seconds)
+    try:
+        run_id = _stop_after_first_epoch(server, training)
+        while_away(run_id, training)
+        _, stderr = training.communicate(timeout=300)
+    finally:
+        training.kill()
+    return run_id, training.returncode, stderr
+
+
 def test_training_goes_on_while_the_server_is_away_and_sends_everything_when_it_is_back(
     server, tiny_nih, tmp_path
 ):
     cache = tmp_path / "cache"
-    training = _train(server, tiny_nih, cache, wait_seconds=240)
-    try:
-        run_id = _stop_after_first_epoch(server, training)
+
+    def back_after_calls_were_kept(run_id: str, training: subprocess.Popen) -> None:
         kept = cache / "outbox" / run_id / "records.jsonl"
         wait_for(kept.exists, 120, training)  # the run logs on while the server is away
         server.start()
-        _, stderr = training.communicate(timeout=300)
-    finally:
-        training.kill()
-    assert training.returncode == 0, stderr
+
+    run_id, code, stderr = _train_through_an_outage(
+        server, tiny_nih, cache, 240, back_after_calls_were_kept
+    )
+    assert code == 0, stderr
     assert "Traceback" not in stderr
     assert "does not answer: the run goes on" in stderr and "is back:" in stderr
     _assert_complete(server, run_id)
@@ -98,14 +111,9 @@ def test_a_server_that_stays_away_leaves_a_folder_and_the_command_that_sends_it(
     server, tiny_nih, tmp_path
 ):
     cache = tmp_path / "cache"
-    training = _train(server, tiny_nih, cache, wait_seconds=2)
-    try:
-        run_id = _stop_after_first_epoch(server, training)
-        _, stderr = training.communicate(timeout=300)
-    finally:
-        training.kill()
+    run_id, code, stderr = _train_through_an_outage(server, tiny_nih, cache, wait_seconds=2)
     folder = cache / "outbox" / run_id
-    assert training.returncode == 1
+    assert code == 1
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == (
         f"error: the tracking server {server.url} went away during run {run_id} and has not come "

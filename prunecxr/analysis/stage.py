@@ -58,9 +58,8 @@ def analyze_sweep(
             f"sweep {sweep_run_id} has {len(cells)} finished prune runs but only {len(frames)} "
             f"distinct (method, seed, sparsity) cells: two models share a seed"
         )
-    source = source_of_cell(
-        cells[0][1], allow_pickle=allow_pickle
-    )  # data, labels and unpruned weights (histogram)
+    # The source gives the data, the labels and the unpruned weights (histogram).
+    source = source_of_cell(cells[0][1], allow_pickle=allow_pickle)
     schema = get_schema(source.data.dataset)
     train_labels = read_labels(schema, Path(source.data.label_dir), "train").labels
     preds = from_prediction_frames(schema, frames, train_labels)
