@@ -29,7 +29,7 @@ from prunecxr.data.synthetic import write_synthetic
 from prunecxr.evaluate import per_class_metrics, predict_logits, sigmoid
 from prunecxr.pruning import prune_model
 from prunecxr.runtime import resolve_runtime
-from prunecxr.study import DEMO_SPLIT_SIZES, DEMO_TRAIN
+from prunecxr.study import DEMO_DRAW_SIZE, DEMO_SPLIT_SIZES, DEMO_TRAIN
 from prunecxr.train import TrainConfig, create_state, fit, load_splits
 
 NIH = get_schema("nih-cxr-lt")
@@ -100,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     data = Path(tempfile.mkdtemp(prefix="prunecxr-precision-"))
     sizes = {**DEMO_SPLIT_SIZES, "test": args.n_test}
-    write_synthetic(NIH, data, sizes, image_size=DEMO_TRAIN["image_size"], seed=0)
+    write_synthetic(NIH, data, sizes, image_size=DEMO_DRAW_SIZE, seed=0)
     models = train_models(data, args)
     test = load_splits(demo_config(data, args))["test"]
     images = np.array(test.images)

@@ -91,26 +91,44 @@ def test_an_image_folder_is_never_overwritten(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000003_000.png"]
 
 
-def test_every_finding_has_a_sign_of_its_own():
+def test_every_finding_has_a_sign_of_its_own_subtler_when_rarer():
     """No look-alikes (a common sign's shape and polarity a little apart): rare classes are rare,
-    not hidden; every sign has the same contrast range."""
-    from prunecxr.data.synthetic import SIGN_CONTRAST, create_signs
+    not hidden. Rarer findings have smaller and fainter signs, within +-20 % of SIGN_CONTRAST."""
+    from prunecxr.data.synthetic import NO_FINDING, SIGN_CONTRAST, create_signs
 
-    signs = list(create_signs(NIH, np.random.default_rng(0)).values())
+    by_name = create_signs(NIH, np.random.default_rng(0))
+    signs = list(by_name.values())
     assert len(signs) == len(NIH.classes) - 1
     for i, a in enumerate(signs):
         for b in signs[i + 1 :]:
             alike = a.shape == b.shape and np.sign(a.contrast) == np.sign(b.contrast)
             assert not (alike and np.hypot(a.x - b.x, a.y - b.y) < 0.15)
     assert all(0.8 * SIGN_CONTRAST <= abs(s.contrast) <= 1.2 * SIGN_CONTRAST for s in signs)
+    prevalence = dict(zip(NIH.classes, train_prevalence(NIH)))
+    commonest_first = sorted(by_name, key=lambda name: -prevalence[name])
+    radii = [by_name[name].radius for name in commonest_first]
+    contrasts = [abs(by_name[name].contrast) for name in commonest_first]
+    assert radii == sorted(radii, reverse=True) and radii[0] > radii[-1]
+    assert contrasts == sorted(contrasts, reverse=True) and contrasts[0] > contrasts[-1]
+    assert NO_FINDING not in by_name
 
 
-def test_the_demo_reuses_its_data_and_refuses_another_seeds(tmp_path):
-    from prunecxr.study import ensure_demo_data
+def test_the_demo_reuses_its_data_and_refuses_another_seeds_or_an_older_recipe(tmp_path):
+    from prunecxr.study import DEMO_SPLIT_SIZES, ensure_demo_data
 
-    write_synthetic(NIH, tmp_path, {"train": 30, "val": 10, "test": 10}, image_size=16, seed=0)
-    before = _digest(tmp_path)
-    ensure_demo_data(tmp_path, "nih-cxr-lt", seed=0)
-    assert _digest(tmp_path) == before
+    demo = tmp_path / "demo"
+    ensure_demo_data(demo, "nih-cxr-lt", seed=0)
+    assert len(list(demo.glob("*.png"))) == sum(DEMO_SPLIT_SIZES.values())
+    before = _digest(demo)
+    ensure_demo_data(demo, "nih-cxr-lt", seed=0)
+    assert _digest(demo) == before
     with pytest.raises(PrunecxrError, match="seed 0, not 1"):
-        ensure_demo_data(tmp_path, "nih-cxr-lt", seed=1)
+        ensure_demo_data(demo, "nih-cxr-lt", seed=1)
+    # Data an older demo drew (here: small, 16 px, the generator's default minimum positives).
+    older = tmp_path / "older"
+    write_synthetic(NIH, older, {"train": 30, "val": 10, "test": 10}, image_size=16, seed=0)
+    before = _digest(older)
+    message = "older prunecxr \\(another image size, split sizes, minimum positives\\)"
+    with pytest.raises(PrunecxrError, match=message):
+        ensure_demo_data(older, "nih-cxr-lt", seed=0)
+    assert _digest(older) == before

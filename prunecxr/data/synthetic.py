@@ -4,11 +4,12 @@
    read from the authors' poster); "No Finding" excludes every other label; findings co-occur
    through shared latent factors (Gaussian copula), e.g. Emphysema with Subcutaneous Emphysema.
 2. Images: a noisy chest-like background with finding-like distractor blobs; each finding adds
-   its own visual sign (shape, place, polarity), of the same contrast for every class and
-   varying per image. The long tail is in the counts: a rare class is learned from a few dozen
-   examples, a common one from thousands. (Rare signs that were also fainter, or look-alikes of
-   common ones, stayed at chance AP in a small CNN: a class it never learned cannot be
-   forgotten, and the paper's findings could not appear; README, "The demo's findings".)
+   its own visual sign (shape, place, polarity; every shape of about the same area), varying
+   per image. Rarer findings are subtler, as in real radiographs: smaller and fainter, within
+   +-10 % of the mean contrast, and learned from fewer examples. (Rare signs at half the
+   contrast, or look-alikes of common ones, stayed at chance AP in a small CNN: a class it never
+   learned cannot be forgotten, and the paper's findings could not appear; README, "The demo's
+   findings".)
 """
 
 from __future__ import annotations
@@ -76,20 +77,22 @@ def train_prevalence(schema: DatasetSchema) -> np.ndarray:
 
 
 def create_signs(schema: DatasetSchema, rng: np.random.Generator) -> dict[str, Sign]:
-    """One sign per finding: a shape (cycling through SHAPES in order of frequency), a place, a
-    size and a polarity of its own, contrast SIGN_CONTRAST within +-20 %."""
+    """One sign per finding: a shape (cycling through SHAPES in order of frequency), a place and a
+    polarity of its own; rarer findings are subtler, as in real radiographs: the size falls from
+    0.12 to 0.08 and the contrast from 1.1 to 0.9 x SIGN_CONTRAST with the frequency rank."""
     findings = [name for name in schema.classes if name != NO_FINDING]
     by_frequency = np.argsort(
         -train_prevalence(schema)[[schema.classes.index(f) for f in findings]]
     )
     signs: dict[str, Sign] = {}
     for rank, index in enumerate(by_frequency):
+        salience = 1 - rank / (len(findings) - 1)  # 1: the commonest finding, 0: the rarest
         signs[findings[index]] = Sign(
             SHAPES[rank % len(SHAPES)],
             float(rng.uniform(0.2, 0.8)),
             float(rng.uniform(0.2, 0.8)),
-            float(rng.uniform(0.07, 0.12)),
-            float(rng.choice([-1, 1]) * SIGN_CONTRAST * rng.uniform(0.8, 1.2)),
+            0.08 + 0.04 * salience,
+            float(rng.choice([-1, 1]) * SIGN_CONTRAST * (0.9 + 0.2 * salience)),
         )
     return signs
 
@@ -175,10 +178,10 @@ def _mask(sign: Sign, du: np.ndarray, dv: np.ndarray) -> np.ndarray:
         "disc": distance < r,
         "ring": np.abs(distance - r) < 0.3 * r,
         "square": np.maximum(np.abs(du), np.abs(dv)) < 0.8 * r,
-        "cross": ((np.abs(du) < 0.3 * r) & (np.abs(dv) < r))
-        | ((np.abs(dv) < 0.3 * r) & (np.abs(du) < r)),
-        "hbar": (np.abs(dv) < 0.3 * r) & (np.abs(du) < 1.5 * r),
-        "vbar": (np.abs(du) < 0.3 * r) & (np.abs(dv) < 1.5 * r),
+        "cross": ((np.abs(du) < 0.5 * r) & (np.abs(dv) < r))
+        | ((np.abs(dv) < 0.5 * r) & (np.abs(du) < r)),
+        "hbar": (np.abs(dv) < 0.5 * r) & (np.abs(du) < 1.5 * r),
+        "vbar": (np.abs(du) < 0.5 * r) & (np.abs(dv) < 1.5 * r),
         "blob": np.exp(-((distance / r) ** 2)),
     }
     return masks[sign.shape].astype(np.float64)
@@ -206,7 +209,14 @@ def write_synthetic(
         )
     rng = np.random.default_rng(seed)
     signs = create_signs(schema, rng)
-    summary = {"dataset": schema.name, "seed": seed, "image_size": image_size, "splits": {}}
+    summary = {
+        "dataset": schema.name,
+        "seed": seed,
+        "image_size": image_size,
+        "split_sizes": dict(split_sizes),
+        "min_positives": dict(min_positives),
+        "splits": {},
+    }
     first_subject = 0
     for split in SPLITS:
         labels = sample_labels(schema, split_sizes[split], min_positives[split], rng)
