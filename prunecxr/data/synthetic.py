@@ -4,9 +4,9 @@
    read from the authors' poster); "No Finding" excludes every other label; findings co-occur
    through shared latent factors (Gaussian copula), e.g. Emphysema with Subcutaneous Emphysema.
 2. Images: a noisy chest-like background with finding-like distractor blobs; each finding adds
-   its own visual sign (shape, place, polarity; every shape of about the same area), varying
+   its own visual sign (shape, place, polarity; every shape of a similar area), varying
    per image. Rarer findings are subtler, as in real radiographs: smaller and fainter, within
-   +-10 % of the mean contrast, and learned from fewer examples. (Rare signs at half the
+   +-10 % of the nominal contrast, and learned from fewer examples. (Rare signs at half the
    contrast, or look-alikes of common ones, stayed at chance AP in a small CNN: a class it never
    learned cannot be forgotten, and the paper's findings could not appear; README, "The demo's
    findings".)
@@ -53,7 +53,7 @@ COOCCURRING = (
 SHAPES = ("disc", "ring", "square", "cross", "hbar", "vbar")
 MIN_POSITIVES = {"train": 5, "val": 3, "test": 5}  # so every class has a defined AUC/AP
 NOISE_STD = 0.10
-SIGN_CONTRAST = 0.22  # a finding's mean contrast (images are in [0, 1])
+SIGN_CONTRAST = 0.22  # a finding's nominal contrast (images are in [0, 1])
 MAX_DISTRACTORS = 3  # soft blobs of no class, so that "any local change" is not a shortcut
 
 
@@ -82,11 +82,11 @@ def create_signs(schema: DatasetSchema, rng: np.random.Generator) -> dict[str, S
     0.12 to 0.08 and the contrast from 1.1 to 0.9 x SIGN_CONTRAST with the frequency rank."""
     findings = [name for name in schema.classes if name != NO_FINDING]
     by_frequency = np.argsort(
-        -train_prevalence(schema)[[schema.classes.index(f) for f in findings]]
+        -train_prevalence(schema)[[schema.classes.index(f) for f in findings]], kind="stable"
     )
     signs: dict[str, Sign] = {}
     for rank, index in enumerate(by_frequency):
-        salience = 1 - rank / (len(findings) - 1)  # 1: the commonest finding, 0: the rarest
+        salience = 1 - rank / max(len(findings) - 1, 1)  # 1: the commonest, 0: the rarest
         signs[findings[index]] = Sign(
             SHAPES[rank % len(SHAPES)],
             float(rng.uniform(0.2, 0.8)),
