@@ -1,9 +1,8 @@
 """The whole pipeline as one `study` run with nested stage runs (design §1).
 
 With no data given, the demo: synthetic NIH-CXR-LT (drawn at 48 px, trained at 32 px) and a
-ResNet18, sized to finish
-within 10 minutes on a 2-core CPU and to show the paper's findings (README, "The demo's
-findings")."""
+ResNet18, sized to finish within 10 minutes on a 2-core CPU and to show the paper's findings
+(README, "The demo's findings")."""
 
 from __future__ import annotations
 
