@@ -162,7 +162,7 @@ def train(resume_run_id, experiment, seeds, **settings) -> None:
     "--methods", help="Pruning methods [default: l1,random,structured demo; l1,random real data]."
 )
 @click.option(
-    "--sparsities", help="Sparsity grid [default: 0,0.3,...,0.95 demo; 0:0.95:0.05 real data]."
+    "--sparsities", help="Sparsity grid [default: 0,0.5,...,0.97 demo; 0:0.95:0.05 real data]."
 )
 @runtime_options
 @allow_pickle_option

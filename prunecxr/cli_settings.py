@@ -130,6 +130,13 @@ lr_option = click.option(
 optimization_options = stack_options(
     batch_size_option,
     lr_option,
+    click.option(
+        "--weight-decay",
+        type=click.FloatRange(min=0),
+        default=0.0,
+        show_default=True,
+        help="Adam's L2 penalty (the paper: none).",
+    ),
     click.option("--max-epochs", type=POSITIVE, default=60, show_default=True),
     click.option(
         "--patience",

@@ -56,6 +56,7 @@ class TrainConfig:
     image_size: int = 256  # images are resized to image_size x image_size
     batch_size: int = 256
     lr: float = 1e-4  # Adam
+    weight_decay: float = 0.0  # Adam's L2 penalty; the paper trains without one
     max_epochs: int = 60
     patience: int = 15  # epochs without a better val_loss before stopping
     seed: int = 0
@@ -109,7 +110,9 @@ def create_state(
     torch.manual_seed(config.seed)
     model = create_model(config.arch, num_classes, pretrained or config.pretrained)
     model = runtime.place_model(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
+    )
     return TrainState(model, optimizer, torch.Generator().manual_seed(config.seed))
 
 

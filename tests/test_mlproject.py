@@ -118,6 +118,7 @@ NON_DEFAULTS = {
     "image_size": "64",
     "batch_size": "32",
     "lr": "0.001",
+    "weight_decay": "0.0001",
     "max_epochs": "2",
     "patience": "3",
     "seed": "1",
@@ -162,6 +163,7 @@ def test_train_with_every_parameter_set(tiny_mimic, tmp_path, mlflow_store):
         image_size=32,
         batch_size=32,
         lr="1e-3",
+        weight_decay="1e-5",
         max_epochs=1,
         patience=2,
         seed=3,
@@ -176,6 +178,7 @@ def test_train_with_every_parameter_set(tiny_mimic, tmp_path, mlflow_store):
     run = MlflowClient().get_run(_runs("mlproject", "train").run_id.iloc[0])
     params = run.data.params
     assert params["lr"] == "1e-3"  # as typed; our 0.001 is the same value, not logged again
+    assert params["weight_decay"] == "1e-5"
     assert (params["seed"], params["dataset"], params["channels_last"]) == (
         "3",
         "mimic-cxr-lt",

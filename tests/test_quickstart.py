@@ -90,8 +90,9 @@ def test_quickstart_demo_then_the_headline_prune_command(tmp_path):
             by_stage["analyze"][0].info.run_id, "tables/correlations.csv", str(tmp_path)
         )
     ).set_index(["x", "y"])
-    for row, sign in [(("log_train_freq", "k20"), 1), (("log_freq_diff", "fcd"), 1)]:
-        assert sign * correlations.loc[row, "spearman_rho"] > 0, row
+    headline = [("log_train_freq", "k20"), ("log_train_freq", "rel_ap_change_0.95")]
+    for row in [*headline, ("log_freq_diff", "fcd")]:
+        assert correlations.loc[row, "spearman_rho"] > 0, row
         assert correlations.loc[row, "spearman_p"] < 0.05, row
     newest_train = max(by_stage["train"], key=lambda run: run.info.start_time)
     (pruned,) = client.search_runs(["0"])  # MLflow's Default experiment: no --experiment-name

@@ -334,3 +334,21 @@ def test_fused_adam_resumes_across_memory_layouts():
         resumed_step(checkpoint, fused=True), resumed_step(checkpoint, foreach=False)
     ):
         torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_weight_decay_shrinks_weights_the_data_leaves_alone(tmp_path, weight_decay):
+    """--weight-decay is Adam's L2 penalty: a step with no data gradient shrinks every weight
+    toward zero with it, and changes none without it (the paper's setting)."""
+    config = tiny_config(tmp_path, tmp_path, weight_decay=weight_decay)
+    state = create_state(config, len(NIH.classes), resolve_runtime("cpu"))
+    weights = [p for p in state.model.parameters() if p.dim() > 1]
+    before = [w.detach().clone() for w in weights]
+    for p in state.model.parameters():
+        p.grad = torch.zeros_like(p)
+    state.optimizer.step()
+    for old, new in zip(before, weights):
+        if weight_decay:
+            assert new.abs().sum() < old.abs().sum()
+        else:
+            assert torch.equal(old, new)
