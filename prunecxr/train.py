@@ -275,8 +275,23 @@ def _training_job(context: WorkerContext, config: TrainConfig, parent_run_id: st
 
 def train_key(config: TrainConfig) -> str:
     """Identifies a training by what it computes (not where or how fast)."""
-    fixed = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUME_OVERRIDABLE}
+    fixed = keyed_settings(config, exclude=RESUME_OVERRIDABLE)
     return hashlib.sha256(repr(sorted(fixed.items())).encode()).hexdigest()[:16]
+
+
+# Settings added after trainings and studies were first keyed, with the value every older run had.
+ADDED_SINCE_KEYED = {"weight_decay": 0.0}
+
+
+def keyed_settings(config: TrainConfig, exclude: tuple[str, ...]) -> dict:
+    """The settings a key identifies: all but `exclude`; a setting added later is left out at
+    the value older runs had, so their keys stay the same and running a command again still
+    finds (and continues) what it started before."""
+    return {
+        k: v
+        for k, v in dataclasses.asdict(config).items()
+        if k not in exclude and not (k in ADDED_SINCE_KEYED and v == ADDED_SINCE_KEYED[k])
+    }
 
 
 def continue_or_train(runs: list[tuple[str, str]], config: TrainConfig, parent_run_id) -> str:
@@ -315,7 +330,7 @@ def resume_training(run_id: str, **overrides) -> str:
     logs them now."""
     ownership.refuse_if_alive(run_id, "train run")
     checkpoint = fetch_checkpoint(run_id)
-    stored = checkpoint["config"]
+    stored = dataclasses.asdict(TrainConfig(**checkpoint["config"]))  # older: fields defaulted
     if "data_dir" in overrides and "label_dir" not in overrides:
         if stored["label_dir"] == stored["data_dir"]:  # labels beside the images: move along
             overrides = {**overrides, "label_dir": overrides["data_dir"]}
@@ -390,7 +405,7 @@ def _train(
 
 def _resume_note(checkpoint: dict, config: TrainConfig, runtime: Runtime) -> str:
     """What a resumed session changed, e.g. 'from epoch 6: max_epochs=12, device=cpu'."""
-    before = checkpoint["config"]
+    before = dataclasses.asdict(TrainConfig(**checkpoint["config"]))
     changed = {k: v for k, v in dataclasses.asdict(config).items() if before.get(k) != v}
     described = {**{k: str(v) for k, v in changed.items()}, **runtime.describe()}
     return f"from epoch {checkpoint['epoch']}: " + ", ".join(

@@ -242,3 +242,23 @@ def test_a_missing_published_file_is_named(tmp_path):
         PrunecxrError, match="2 prediction files missing \\(seed 1 at 0.5, seed 2 at 0.9\\)"
     ):
         read_published_predictions(nih, tmp_path, allow_pickle=True)
+
+
+def test_report_shows_each_k20_as_the_grid_point_it_is():
+    """0.925 (the demo's grid) is not rounded to 0.93, a sparsity never pruned at."""
+    from prunecxr.analysis.report import render_report
+    from prunecxr.analysis.study_analysis import Analysis
+
+    thresholds = pd.DataFrame(
+        {
+            "class": ["Hernia", "Mass", "Effusion"],
+            "train_freq": [60, 220, 461],
+            "k20": [0.925, 0.97, np.nan],
+        }
+    )
+    page = render_report(
+        Analysis(tables={"tables/thresholds.csv": thresholds}), title="t", context={}
+    )
+    for cell in ("0.925", "0.97", "never", "60", "461"):
+        assert f"<td>{cell}</td>" in page
+    assert "0.93<" not in page and "60.0" not in page

@@ -179,6 +179,7 @@ def test_train_with_every_parameter_set(tiny_mimic, tmp_path, mlflow_store):
     params = run.data.params
     assert params["lr"] == "1e-3"  # as typed; our 0.001 is the same value, not logged again
     assert params["weight_decay"] == "1e-5"
+    assert "weight_decay_resolved" not in params  # prunecxr trained with the value typed
     assert (params["seed"], params["dataset"], params["channels_last"]) == (
         "3",
         "mimic-cxr-lt",

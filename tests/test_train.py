@@ -19,15 +19,18 @@ from prunecxr.data.schemas import class_slug
 from prunecxr.data.synthetic import write_synthetic
 from prunecxr.evaluate import predict_logits, sigmoid
 from prunecxr.runtime import resolve_runtime
+from prunecxr.study import StudyConfig, study_key
 from prunecxr.train import (
     CHECKPOINT_ARTIFACT,
     Checkpoints,
     TrainConfig,
+    _resume_note,
     create_state,
     fetch_checkpoint,
     restore_state,
     resume_training,
     run_training,
+    train_key,
 )
 from tests.conftest import kill, spawn_prunecxr, wait_for
 from tests.test_cli import prunecxr
@@ -338,7 +341,7 @@ def test_fused_adam_resumes_across_memory_layouts():
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_weight_decay_shrinks_weights_the_data_leaves_alone(tmp_path, weight_decay):
-    """--weight-decay is Adam's L2 penalty: a step with no data gradient shrinks every weight
+    """--weight-decay is Adam's L2 penalty: a step with no data gradient shrinks the weights
     toward zero with it, and changes none without it (the paper's setting)."""
     config = tiny_config(tmp_path, tmp_path, weight_decay=weight_decay)
     state = create_state(config, len(NIH.classes), resolve_runtime("cpu"))
@@ -352,3 +355,18 @@ def test_weight_decay_shrinks_weights_the_data_leaves_alone(tmp_path, weight_dec
             assert new.abs().sum() < old.abs().sum()
         else:
             assert torch.equal(old, new)
+
+
+def test_runs_keyed_before_weight_decay_existed_are_still_found(tmp_path):
+    """At 0, weight_decay is left out of the keys: the same values prunecxr computed before the
+    option existed (6915a9c), so running an older command again continues its study."""
+    config = TrainConfig(dataset="nih-cxr-lt", data_dir="/data/nih", label_dir="/data/nih")
+    assert train_key(config) == "78f9b5c4da9fb4ea"
+    assert study_key(StudyConfig(config)) == "8f71ffefca0be4b4"
+    decayed = dataclasses.replace(config, weight_decay=1e-5)
+    assert train_key(decayed) != train_key(config)
+    assert study_key(StudyConfig(decayed)) != study_key(StudyConfig(config))
+    # A checkpoint written before: its missing weight_decay is the default, not a change.
+    older = {k: v for k, v in dataclasses.asdict(config).items() if k != "weight_decay"}
+    checkpoint = {"config": older, "epoch": 3}
+    assert "weight_decay" not in _resume_note(checkpoint, config, resolve_runtime("cpu"))

@@ -37,7 +37,7 @@ def render_report(analysis: Analysis, *, title: str, context: dict[str, str]) ->
     if thresholds is not None:
         parts += [
             "<h2>Forgetting thresholds (k20) by class</h2>",
-            thresholds.to_html(index=False, na_rep="never", float_format="%.2f"),
+            thresholds.to_html(index=False, na_rep="never", float_format="%g"),
         ]
     for path, figure in analysis.figures.items():
         data = base64.b64encode(figure_png(figure)).decode()
