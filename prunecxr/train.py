@@ -330,7 +330,7 @@ def resume_training(run_id: str, **overrides) -> str:
     logs them now."""
     ownership.refuse_if_alive(run_id, "train run")
     checkpoint = fetch_checkpoint(run_id)
-    stored = dataclasses.asdict(TrainConfig(**checkpoint["config"]))  # older: fields defaulted
+    stored = _checkpoint_settings(checkpoint)
     if "data_dir" in overrides and "label_dir" not in overrides:
         if stored["label_dir"] == stored["data_dir"]:  # labels beside the images: move along
             overrides = {**overrides, "label_dir": overrides["data_dir"]}
@@ -403,9 +403,15 @@ def _train(
     return active_id
 
 
+def _checkpoint_settings(checkpoint: dict) -> dict:
+    """The settings a checkpoint was trained with; a setting added since it was written has its
+    default (what that training used)."""
+    return dataclasses.asdict(TrainConfig(**checkpoint["config"]))
+
+
 def _resume_note(checkpoint: dict, config: TrainConfig, runtime: Runtime) -> str:
     """What a resumed session changed, e.g. 'from epoch 6: max_epochs=12, device=cpu'."""
-    before = dataclasses.asdict(TrainConfig(**checkpoint["config"]))
+    before = _checkpoint_settings(checkpoint)
     changed = {k: v for k, v in dataclasses.asdict(config).items() if before.get(k) != v}
     described = {**{k: str(v) for k, v in changed.items()}, **runtime.describe()}
     return f"from epoch {checkpoint['epoch']}: " + ", ".join(
