@@ -357,7 +357,7 @@ def test_weight_decay_shrinks_weights_the_data_leaves_alone(tmp_path, weight_dec
             assert torch.equal(old, new)
 
 
-def test_runs_keyed_before_weight_decay_existed_are_still_found(tmp_path):
+def test_runs_keyed_before_weight_decay_existed_are_still_found():
     """At 0, weight_decay is left out of the keys: the same values prunecxr computed before the
     option existed (6915a9c), so running an older command again continues its study."""
     config = TrainConfig(dataset="nih-cxr-lt", data_dir="/data/nih", label_dir="/data/nih")
