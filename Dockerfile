@@ -1,4 +1,4 @@
-# prunecxr on a CUDA-enabled PyTorch runtime image (README: "Run in Docker").
+# prunecxr on a CUDA-enabled PyTorch runtime image (docs/docker.md).
 #   docker build -t prunecxr .
 #   docker run --rm --gpus all --user "$(id -u):$(id -g)" -v "$PWD/outputs:/outputs" prunecxr study
 # BASE_IMAGE must provide `python` (3.11, as the pins in docker/requirements.txt were made with)

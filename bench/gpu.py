@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from prunecxr.cells import ModelSource, SourceCells, measure_speed
 from prunecxr.data import SplitData, get_schema, load_split
 from prunecxr.data.cache import decode_image
 from prunecxr.data.labels import read_labels
@@ -41,12 +42,11 @@ from prunecxr.data.synthetic import write_synthetic
 from prunecxr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from prunecxr.device_data import DeviceImages
 from prunecxr.evaluate import device_logits, per_class_metrics, sigmoid
+from prunecxr.fitting import TrainState, train_one_epoch
 from prunecxr.models import create_model
 from prunecxr.pruning import count_macs, nonzero_parameters, prune_model
 from prunecxr.runtime import resolve_runtime
-from prunecxr.sources import DataSettings, ModelSource
-from prunecxr.sweep import CellSettings, SourceCells, measure_speed
-from prunecxr.train import Finetune, TrainState, train_one_epoch
+from prunecxr.specs import CellSettings, DataSpec, Finetune
 
 SCHEMA = get_schema("nih-cxr-lt")
 SIZES = {
@@ -166,7 +166,7 @@ def sweep_original(checkpoint: Path, paths, size: dict, device) -> float:
     return len(SPARSITIES) * len(paths) / (time.perf_counter() - started)
 
 
-def sweep_ours(model, split: SplitData, data: DataSettings, size: dict, runtime) -> dict:
+def sweep_ours(model, split: SplitData, data: DataSpec, size: dict, runtime) -> dict:
     """Per L1 cell: the whole cell (prune, evaluate, measure) and its evaluation alone."""
     dense = copy.deepcopy(model).cpu().float()
     source = ModelSource("bench", None, size["arch"], 0, "none", data, dense)
@@ -276,8 +276,8 @@ def run(args) -> dict:
         write_synthetic(SCHEMA, root, splits, image_size=size["source_size"], seed=0)
         labels = read_labels(SCHEMA, root, "test")
         paths = [root / image_id for image_id in labels.image_ids]
-        data = DataSettings(
-            SCHEMA.name, str(root), str(root), size["image_size"], str(root / "cache")
+        data = DataSpec(
+            SCHEMA.name, str(root), str(root), size["image_size"], cache_dir=str(root / "cache")
         )
         built = time.perf_counter()
         split = load_split(

@@ -1,6 +1,6 @@
 """Do the analysis's numbers depend on the evaluation precision? bf16 against fp32, measured.
 
-Trains the demo's model (ResNet18 on the demo's synthetic data, `prunecxr.study` settings) for
+Trains the demo's model (ResNet18 on the demo's synthetic data, `prunecxr.stages.study` settings) for
 each seed in fp32, then evaluates every model dense and L1-pruned at the PIE sparsity three ways:
 1. fp32 (the reference; on CUDA without TF32),
 2. bf16 autocast throughout (the training fast path),
@@ -27,10 +27,11 @@ from prunecxr.analysis.pies import PIE_FRACTION, PIE_SPARSITY, image_correlation
 from prunecxr.data import get_schema
 from prunecxr.data.synthetic import write_synthetic
 from prunecxr.evaluate import per_class_metrics, predict_logits, sigmoid
+from prunecxr.fitting import create_state, fit, open_splits
 from prunecxr.pruning import prune_model
 from prunecxr.runtime import resolve_runtime
-from prunecxr.study import DEMO_DRAW_SIZE, DEMO_SPLIT_SIZES, DEMO_TRAIN
-from prunecxr.train import TrainConfig, create_state, fit, load_splits
+from prunecxr.specs import TrainConfig
+from prunecxr.stages.study import DEMO_DRAW_SIZE, DEMO_SPLIT_SIZES, DEMO_TRAIN
 
 NIH = get_schema("nih-cxr-lt")
 WAYS = ("fp32", "bf16", "bf16 body + fp32 head")
@@ -50,7 +51,7 @@ class Fp32Head(nn.Module):
 
 def demo_config(data: Path, args, seed: int = 0) -> TrainConfig:
     """The demo's training settings on `data`, fp32, with a cache inside the scratch folder."""
-    return TrainConfig(
+    return TrainConfig.from_flat(
         dataset=NIH.name,
         data_dir=str(data),
         label_dir=str(data),
@@ -68,7 +69,7 @@ def train_models(data: Path, args) -> list[nn.Module]:
         config = demo_config(data, args, seed)
         runtime = resolve_runtime(args.device, precision="fp32")
         state = create_state(config, NIH.num_classes, runtime)
-        fit(state, config, load_splits(config), runtime, lambda _: None)
+        fit(state, config, open_splits(config.data), runtime, lambda _: None)
         state.model.load_state_dict(state.best_weights)
         models.append(state.model.eval())
     return models
@@ -102,7 +103,7 @@ def main() -> None:
     sizes = {**DEMO_SPLIT_SIZES, "test": args.n_test}
     write_synthetic(NIH, data, sizes, image_size=DEMO_DRAW_SIZE, seed=0)
     models = train_models(data, args)
-    test = load_splits(demo_config(data, args))["test"]
+    test = open_splits(demo_config(data, args).data)["test"]
     images = np.array(test.images)
     probs = {
         way: {

@@ -1,6 +1,6 @@
 """Tracking-server load: several processes logging the cells of one sweep at the same time.
 
-Every process logs its cells with prunecxr's own `log_cell` (the params, metrics, label-file
+Every process logs its cells with prunecxr's own `CellRuns.log` (the params, metrics, label-file
 input, per-class table and predictions.parquet a real sweep cell logs) as prune runs nested
 under one sweep run. Pruning and evaluation are left out (random probabilities), so the
 tracking server is the only thing measured. For each number of concurrent processes it reports
@@ -29,12 +29,12 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from prunecxr import tracking
+from prunecxr.cells import Cell, CellResult, ModelSource
 from prunecxr.data import SplitData, get_schema
 from prunecxr.evaluate import per_class_metrics, summarize
 from prunecxr.runtime import resolve_runtime
-from prunecxr.sources import DataSettings, ModelSource
-from prunecxr.sweep import CellResult, CellSettings, log_cell
-from prunecxr.train import Finetune
+from prunecxr.specs import CellSettings, DataSpec, RuntimeSpec
+from prunecxr.stages.prune import CellRuns
 
 DATASET = "nih-cxr-lt"
 NIH_TEST_IMAGES = 20_796  # the real NIH-CXR-LT test split: predictions.parquet's size per cell
@@ -70,7 +70,7 @@ def log_cells(load: Load, process: int) -> tuple[float, float]:
     ended logging (Unix time; the process's start-up is not counted)."""
     tracking.quiet_logs()
     tracking.use_experiment(load.experiment)
-    data = DataSettings(DATASET, load.label_dir, load.label_dir, 32)
+    data = DataSpec(DATASET, load.label_dir, load.label_dir, 32)
     source = ModelSource("bench", None, "resnet18", 0, "none", data, nn.Identity(), "0" * 64)
     test, runtime = _test_split(load), resolve_runtime("cpu")
     rng = np.random.default_rng(process)
@@ -80,10 +80,8 @@ def log_cells(load: Load, process: int) -> tuple[float, float]:
         probs = rng.random(test.labels.shape, dtype=np.float32)
         measures = {"achieved_sparsity": sparsity, "nonzero_params": 1e6, "macs": 1e9}
         result = CellResult(probs, measures)
-        settings, finetune = CellSettings(device="cpu"), Finetune()
-        log_cell(
-            source, "l1", sparsity, test, settings, finetune, runtime, result, load.sweep_run_id
-        )
+        runs = CellRuns(CellSettings(RuntimeSpec(device="cpu")))
+        runs.log(Cell(source, "l1", sparsity), test, runtime, result, load.sweep_run_id)
     return started, time.time()
 
 

@@ -9,33 +9,59 @@ from pathlib import Path
 
 import click
 
-from prunecxr import PrunecxrError
-from prunecxr.cli_settings import (
-    POSITIVE,
+from prunecxr import PrunecxrError, distributed, tracking
+from prunecxr.data.cache import DEFAULT_CACHE_DIR
+from prunecxr.executor import Executor
+from prunecxr.options import (
     allow_pickle_option,
-    cache_override,
     cell_settings,
     checkpoint_seeds,
     data_options,
-    dataset_option,
-    default_cache_dir,
-    executor_options,
-    executor_settings,
+    execution_options,
     experiment_option,
-    finetune_settings,
+    finetune,
     given_on_command_line,
-    load_source_from_settings,
     model_options,
     optimization_options,
+    option,
     parse_methods,
+    parse_sparsities,
     published_options,
-    published_predictions,
-    resume_overrides,
     runtime_options,
     seed_option,
+    source_data,
     source_options,
+    spec_of,
     train_config,
 )
+from prunecxr.sources import default_model_uri, load_source, rebuild_model
+from prunecxr.specs import DataSpec, ExecutionSpec, TrainConfig, flat_fields
+from prunecxr.stages.analyze import (
+    PublishedPredictions,
+    analyze_published,
+    analyze_sweep,
+    default_sweep_run_id,
+)
+from prunecxr.stages.prune import run_prune, run_sweep
+from prunecxr.stages.study import StudyConfig, demo_config, ensure_demo_data, run_study
+from prunecxr.stages.train import (
+    resume_training,
+    run_distributed_training,
+    run_training,
+    train_seeds,
+)
+
+POSITIVE = click.IntRange(min=1)
+TRAIN_SETTINGS = set(flat_fields(TrainConfig))
+
+
+def _executor(values: dict) -> Executor:
+    return Executor(spec_of(ExecutionSpec, values))
+
+
+def _typed_train_settings(values: dict) -> dict:
+    """The training settings the user typed (they override a run's or the demo's own)."""
+    return {k: v for k, v in given_on_command_line(values).items() if k in TRAIN_SETTINGS}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -45,7 +71,7 @@ def cli() -> None:
 
 
 @cli.command()
-@dataset_option
+@option(DataSpec, "dataset")
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False, resolve_path=True, path_type=Path)
 )
@@ -99,26 +125,18 @@ def synth(dataset, out, n_train, n_val, n_test, size, seed, overwrite) -> None:
     help="Train N seeds from --seed on, one train run each (with --executor ray, in "
     "parallel); seeds trained before with the same settings are reused.",
 )
-@executor_options
+@execution_options
 def train(resume_run_id, experiment, seeds, **settings) -> None:
     """Train one model (one seed) and log it as an MLflow train run."""
-    from prunecxr import distributed, tracking
-    from prunecxr.train import (
-        resume_training,
-        run_distributed_training,
-        run_training,
-        train_seeds,
-    )
-
-    executor = executor_settings(settings)
+    executor = _executor(settings)
     if distributed.launched():  # torchrun: this process is one rank of one training
-        if seeds is not None or resume_run_id or executor.kind != "local":
+        if seeds is not None or resume_run_id or executor.on_ray:
             raise PrunecxrError(
                 "under torchrun, train trains one model: drop --seeds, --resume and --executor"
             )
         if distributed.launched_as_main():  # the other ranks never talk to MLflow
             tracking.use_experiment(experiment)
-        run_id = run_distributed_training(train_config(**settings))
+        run_id = run_distributed_training(train_config(settings))
         if run_id:
             click.echo(f"train run {run_id}: model at runs:/{run_id}/model")
         return
@@ -126,7 +144,7 @@ def train(resume_run_id, experiment, seeds, **settings) -> None:
         if resume_run_id:
             raise PrunecxrError("--seeds trains new seeds; --resume continues one run: not both")
         tracking.use_experiment(experiment)
-        config = train_config(**settings)
+        config = train_config(settings)
         chosen = list(range(config.seed, config.seed + seeds))
         for seed, run_id in zip(chosen, train_seeds(config, chosen, executor)):
             click.echo(f"train run {run_id} (seed {seed}): model at runs:/{run_id}/model")
@@ -134,10 +152,10 @@ def train(resume_run_id, experiment, seeds, **settings) -> None:
     if resume_run_id:
         typed_experiment = given_on_command_line({"experiment": experiment})
         tracking.use_run_experiment(resume_run_id, typed_experiment.get("experiment"))
-        run_id = resume_training(resume_run_id, **resume_overrides(given_on_command_line(settings)))
+        run_id = resume_training(resume_run_id, **_typed_train_settings(settings))
     else:
         tracking.use_experiment(experiment)
-        run_id = run_training(train_config(**settings))
+        run_id = run_training(train_config(settings))
     click.echo(f"train run {run_id}: model at runs:/{run_id}/model")
 
 
@@ -167,26 +185,21 @@ def train(resume_run_id, experiment, seeds, **settings) -> None:
 @runtime_options
 @allow_pickle_option
 @experiment_option
-@executor_options
+@execution_options
 def study(
     demo_dir, demo_seed, seeds, methods, sparsities, allow_pickle, experiment, **settings
 ) -> None:
     """The whole pipeline as nested MLflow runs; with no --data-dir, the synthetic demo."""
-    from prunecxr import tracking
-    from prunecxr.study import StudyConfig, demo_config, ensure_demo_data, run_study
-    from prunecxr.sweep import parse_sparsities
-
-    executor = executor_settings(settings)
+    executor = _executor(settings)
     tracking.use_experiment(experiment)
     if settings["data_dir"] is None:
         ensure_demo_data(demo_dir, settings["dataset"], demo_seed)
-        overrides = given_on_command_line(settings)
-        overrides.update(cache_override(overrides.pop("cache_dir", None)))
+        overrides = _typed_train_settings(settings)
         for key in ("dataset", "data_dir", "label_dir"):
             overrides.pop(key, None)
         config = demo_config(demo_dir, settings["dataset"], **overrides)
     else:
-        config = StudyConfig(train_config(**settings, seed=0))
+        config = StudyConfig(train_config({**settings, "seed": 0}))
     if seeds is not None:
         config = dataclasses.replace(config, seeds=tuple(range(seeds)))
     if methods is not None:
@@ -223,16 +236,12 @@ def study(
 @source_options
 def prune(model_uri, method, sparsity, log_model, seed, experiment, **settings) -> None:
     """Prune one model once, evaluate it on the test set, log a prune run."""
-    from prunecxr import tracking
-    from prunecxr.sources import default_model_uri
-    from prunecxr.sweep import run_prune
-
     tracking.use_experiment(experiment)
     uri = model_uri or default_model_uri()
     typed_seed = None if seed is None else str(seed)
-    source = load_source_from_settings(uri, settings, checkpoint_seeds([uri], typed_seed)[0])
+    source = _source(uri, settings, checkpoint_seeds([uri], typed_seed)[0])
     run_id = run_prune(
-        source, method, sparsity, cell_settings(settings, log_model), finetune_settings(settings)
+        source, method, sparsity, cell_settings(settings, log_model), finetune(settings)
     )
     click.echo(
         f"prune run {run_id}: model at runs:/{run_id}/model" if log_model else f"prune run {run_id}"
@@ -265,30 +274,39 @@ def prune(model_uri, method, sparsity, log_model, seed, experiment, **settings) 
     "[default: from the original layout <dir>_seed-<s>/chkpt.pt].",
 )
 @source_options
-@executor_options
+@execution_options
 def sweep(model_uris, methods, sparsities, log_models, seeds, experiment, **settings) -> None:
     """Every model x method x sparsity as nested prune runs under one sweep run."""
-    from prunecxr import tracking
-    from prunecxr.sources import default_model_uri
-    from prunecxr.sweep import parse_sparsities, run_sweep
-
-    executor = executor_settings(settings)
+    executor = _executor(settings)
     method_list, sparsity_list = parse_methods(methods), parse_sparsities(sparsities)
     tracking.use_experiment(experiment)
     uris = [u for given in model_uris for u in given.split(",") if u] or [default_model_uri()]
     sources = [
-        load_source_from_settings(uri, settings, seed)
-        for uri, seed in zip(uris, checkpoint_seeds(uris, seeds))
+        _source(uri, settings, seed) for uri, seed in zip(uris, checkpoint_seeds(uris, seeds))
     ]
     sweep_id = run_sweep(
         sources,
         method_list,
         sparsity_list,
         cell_settings(settings, log_models),
-        finetune_settings(settings),
+        finetune(settings),
         executor,
     )
     click.echo(f"sweep run {sweep_id}")
+
+
+def _source(uri: str, values: dict, seed: int | None):
+    """The model to prune: a run's (its own data; a typed --cache-dir wins) or a checkpoint
+    file's (the data the options give)."""
+    cache_dir = str(values["cache_dir"]) if values["cache_dir"] else None
+    return load_source(
+        uri,
+        fallback=source_data(values),
+        arch=values["arch"],
+        cache_dir=cache_dir,
+        seed=seed,
+        allow_pickle=values["allow_pickle"],
+    )
 
 
 @cli.command()
@@ -305,13 +323,12 @@ def sweep(model_uris, methods, sparsities, log_models, seeds, experiment, **sett
 @experiment_option
 def analyze(sweep_run_id, cooccurrence, allow_pickle, experiment, **published) -> None:
     """Forgettability curves, k20 thresholds, FCD, PIEs, figures and report.html of a sweep."""
-    from prunecxr import tracking
-    from prunecxr.analysis.stage import analyze_published, analyze_sweep, default_sweep_run_id
-
     tracking.use_experiment(experiment)
     if published["preds_dir"] is not None:
+        if published["label_dir"] is None:
+            raise PrunecxrError("--preds-dir needs --label-dir (the study's label files)")
         run_id = analyze_published(
-            published_predictions(**published),
+            PublishedPredictions(**published),
             allow_pickle=allow_pickle,
             cooccurrence_mode=cooccurrence,
         )
@@ -333,9 +350,7 @@ def analyze(sweep_run_id, cooccurrence, allow_pickle, experiment, **published) -
 def upload(folder, tracking_uri) -> None:
     """Send what a train run kept in FOLDER while its tracking server was away (the error
     line of that run names the folder and this command)."""
-    from prunecxr import tracking
-
-    run_id, count = tracking.upload_kept(folder, tracking_uri)
+    run_id, count = tracking.upload_kept(folder, rebuild_model, tracking_uri)
     click.echo(f"run {run_id}: {count} kept calls sent; {tracking.where_to_browse(run_id)}")
 
 
@@ -347,7 +362,7 @@ def cache() -> None:
 cache_dir_option = click.option(
     "--cache-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    default=default_cache_dir,
+    default=str(DEFAULT_CACHE_DIR),
     show_default="$PRUNECXR_CACHE or ~/.cache/prunecxr",
 )
 
@@ -404,8 +419,6 @@ def _describe_cache(file) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 1."""
-    from prunecxr import tracking
-
     tracking.quiet_logs()
     _show_progress_notes()
     try:

@@ -20,20 +20,10 @@ from prunecxr.runtime import Runtime
 F1_THRESHOLD = 0.5
 
 
-def predict_logits(
-    model: nn.Module,
-    images: np.ndarray | DeviceImages,
-    *,
-    runtime: Runtime,
-    batch_size: int = 256,
-    progress: str | None = None,
-) -> np.ndarray:
-    """images: (N, S, S) uint8 -> (N, C) float32 logits, computed in `runtime`'s layout and
-    precision (the model must already be on its device). The model is put in eval mode."""
-    logits, _ = device_logits(
-        model, images, runtime=runtime, batch_size=batch_size, progress=progress
-    )
-    return logits.numpy()
+def predict_logits(model: nn.Module, images: np.ndarray | DeviceImages, **options) -> np.ndarray:
+    """images: (N, S, S) uint8 -> (N, C) float32 logits: device_logits (same `options`) as a
+    numpy array."""
+    return device_logits(model, images, **options)[0].numpy()
 
 
 @torch.inference_mode()

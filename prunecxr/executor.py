@@ -2,7 +2,7 @@
 this process (`local`), or as Ray tasks on a cluster (`ray`). Both run the same function on the
 same arguments, so they log the same runs with the same names and numbers.
 
-A job either returns or raises; the caller decides what is retried (see `retry`). A Ray task
+A job either returns or raises; `retry_failed` is the one policy for what is run again. A Ray task
 that dies with its worker or node raises here like any other error, so a lost node costs only
 the jobs that were on it."""
 
@@ -17,35 +17,43 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from prunecxr import PrunecxrError, tracking
+from prunecxr.specs import EXECUTORS, ExecutionSpec
 
 log = logging.getLogger(__name__)
-EXECUTORS = ("local", "ray")
 
 
 @dataclass(frozen=True)
 class Executor:
-    kind: str = "local"
-    address: str | None = None  # Ray: None = $RAY_ADDRESS, else a local Ray instance
-    cpus_per_task: float = 1
-    gpus_per_task: float = 0  # fractional: several tasks share a GPU
-    max_retries: int = 2  # further attempts of a job that failed
-    cells_per_task: int = 8  # sweep cells per Ray task (one model and test set loaded per task)
+    """Runs jobs as its ExecutionSpec says (local, or Ray with per-task resources)."""
+
+    spec: ExecutionSpec = ExecutionSpec()
 
     def __post_init__(self):
-        if self.kind not in EXECUTORS:
-            raise PrunecxrError(f"unknown executor {self.kind!r}; valid: {', '.join(EXECUTORS)}")
-        if min(self.max_retries, self.gpus_per_task) < 0 or self.cpus_per_task <= 0:
+        spec = self.spec
+        if spec.executor not in EXECUTORS:
+            raise PrunecxrError(
+                f"unknown executor {spec.executor!r}; valid: {', '.join(EXECUTORS)}"
+            )
+        if min(spec.max_retries, spec.gpus_per_task) < 0 or spec.cpus_per_task <= 0:
             raise PrunecxrError(
                 "--max-retries and --gpus-per-task must be >= 0 and --cpus-per-task > 0"
             )
-        if self.cells_per_task < 1:
-            raise PrunecxrError(f"--cells-per-task must be >= 1, not {self.cells_per_task}")
+        if spec.cells_per_task < 1:
+            raise PrunecxrError(f"--cells-per-task must be >= 1, not {spec.cells_per_task}")
+
+    @property
+    def on_ray(self) -> bool:
+        return self.spec.executor == "ray"
+
+    @property
+    def max_retries(self) -> int:
+        return self.spec.max_retries
 
     def map(self, function: Callable, jobs: list[tuple]) -> Iterator[tuple[int, object]]:
         """function(*job) for every job; yields (index of the job, its result or the exception
         it raised) as jobs finish. Ray: large arguments are shared once per cluster (an
         argument object that appears in several jobs is put in the object store once)."""
-        if self.kind == "local" or not jobs:  # nothing to do: no cluster needed
+        if not self.on_ray or not jobs:  # nothing to do: no cluster needed
             for index, job in enumerate(jobs):
                 try:
                     yield index, function(*job)
@@ -55,43 +63,35 @@ class Executor:
         yield from self._ray_map(function, jobs)
 
     def run_all(self, function: Callable, jobs: list[tuple], names: list[str]) -> list:
-        """function(*job) for every job, each retried up to max_retries times (a user error is
-        not retried); -> the results in order. A job that failed every attempt is an error
-        that names it (`names[i]`), raised after the other jobs are done."""
-        results, errors, todo = {}, {}, list(range(len(jobs)))
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                log.info(
-                    "retrying %s (retry %d of %d)",
-                    ", ".join(names[i] for i in todo),
-                    attempt,
-                    self.max_retries,
-                )
-            again = []
-            for position, outcome in self.map(function, [jobs[i] for i in todo]):
-                index = todo[position]
+        """function(*job) for every job, under the retry policy (`retry_failed`); -> the results
+        in order. A job that failed every attempt is an error that names it (`names[i]`),
+        raised after the other jobs are done."""
+        results: dict[str, object] = {}
+
+        def attempt(todo: list[str]) -> dict[str, Failure]:
+            failed = {}
+            for position, outcome in self.map(function, [jobs[int(i)] for i in todo]):
                 if isinstance(outcome, BaseException):
-                    errors[index] = describe_error(outcome)
-                    if not is_final(outcome):
-                        again.append(index)
+                    failed[todo[position]] = Failure.of(outcome)
                 else:
-                    results[index] = outcome
-                    errors.pop(index, None)
-            todo = again
-            if not todo:
-                break
-        if errors:
-            failed = "; ".join(f"{names[i]}: {error}" for i, error in sorted(errors.items()))
+                    results[todo[position]] = outcome
+            return failed
+
+        keys = [str(i) for i in range(len(jobs))]
+        failed, _ = retry_failed(keys, attempt, self.max_retries, lambda k: names[int(k)])
+        if failed:
+            listed = "; ".join(f"{names[int(k)]}: {f.error}" for k, f in sorted(failed.items()))
             raise PrunecxrError(
-                f"{len(errors)} of {len(jobs)} failed ({failed}); run the same command again "
+                f"{len(failed)} of {len(jobs)} failed ({listed}); run the same command again "
                 f"to continue"
             )
-        return [results[i] for i in range(len(jobs))]
+        return [results[key] for key in keys]
 
     def _ray_map(self, function: Callable, jobs: list[tuple]) -> Iterator[tuple[int, object]]:
-        ray = connect_ray(self.address)
-        options = dict(num_cpus=self.cpus_per_task, num_gpus=self.gpus_per_task, max_retries=0)
-        if not self.gpus_per_task:  # Ray leaves every GPU visible to a task that reserved none
+        ray = connect_ray(self.spec.ray_address)
+        spec = self.spec
+        options = dict(num_cpus=spec.cpus_per_task, num_gpus=spec.gpus_per_task, max_retries=0)
+        if not spec.gpus_per_task:  # Ray leaves every GPU visible to a task that reserved none
             options["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
         remote = ray.remote(function).options(**options)
         shared: dict[int, object] = {}
@@ -153,14 +153,48 @@ def check_readable(*paths: str) -> None:
             )
 
 
-def describe_error(error: BaseException) -> str:
-    """One line: the error's type and message."""
-    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+@dataclass(frozen=True)
+class Failure:
+    """Why a job or cell failed: one line (the error's type and message), and whether the
+    error is the user's to fix (a bad data path or option fails the same way on every retry)."""
+
+    error: str
+    final: bool
+
+    @classmethod
+    def of(cls, error: BaseException) -> Failure:
+        line = f"{type(error).__name__}: {' '.join(str(error).split())}"
+        return cls(line, isinstance(error, PrunecxrError))
 
 
-def is_final(error: BaseException) -> bool:
-    """A user error (bad data path, bad option) fails the same way on every retry."""
-    return isinstance(error, PrunecxrError)
+def retry_failed(
+    keys: list[str],
+    attempt: Callable[[list[str]], dict[str, Failure]],
+    max_retries: int,
+    name: Callable[[str], str],
+) -> tuple[dict[str, Failure], set[str]]:
+    """The one retry policy of seeds and sweep cells, local or on Ray: attempt(todo) runs the
+    keys still to do and returns those that failed; they are run again, up to `max_retries`
+    times, unless their failure is final. -> (the failures that remain, the keys done only
+    after a retry)."""
+    failed: dict[str, Failure] = {}
+    retried: set[str] = set()
+    todo = list(keys)
+    for retry in range(max_retries + 1):
+        if retry:
+            shown = ", ".join(name(key) for key in todo[:5]) + (", ..." if len(todo) > 5 else "")
+            log.info("retrying %d: %s (retry %d of %d)", len(todo), shown, retry, max_retries)
+        now = attempt(todo)
+        for key in todo:
+            if key not in now:
+                failed.pop(key, None)
+                if retry:
+                    retried.add(key)
+        failed.update(now)
+        todo = [key for key in todo if key in now and not now[key].final]
+        if not todo:
+            break
+    return failed, retried
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Pruning at a given sparsity, as in the study (design §6).
+"""Pruning at a given sparsity, as in the study (docs/ARCHITECTURE.md, "Pruning").
 
 `sparsity` is the fraction of prunable weights (every Conv2d and Linear weight) that is zeroed
 (unstructured: global L1 or random, torch.nn.utils.prune, made permanent) or removed

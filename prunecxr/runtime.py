@@ -12,6 +12,7 @@ load and prune anywhere."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,9 +20,7 @@ import torch
 from torch import nn
 
 from prunecxr import PrunecxrError
-
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "bf16", "fp32")
+from prunecxr.specs import DEVICES, PRECISIONS, RuntimeSpec
 
 
 @dataclass(frozen=True)
@@ -70,14 +69,14 @@ class Runtime:
         return _strict_fp32()
 
     def describe(self) -> dict[str, str]:
-        """What ran, for the run's params: device, channels_last, precision, compile."""
-        return {
-            "device": self.device.type,
-            "channels_last": str(self.channels_last).lower(),
-            "precision": self.precision,
-            "compile": str(self.compile).lower(),
-            "resident_data": str(self.resident_data).lower(),
-        }
+        """What ran, for the run's params: every switch as resolved (device: its type)."""
+        return {f.name: _text(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _text(value) -> str:
+    if isinstance(value, torch.device):
+        return value.type
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -90,46 +89,31 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def resolve_runtime(
-    device: str = "auto",
-    channels_last: bool | None = None,
-    precision: str = "auto",
-    compile: bool | None = None,
-    resident_data: bool | None = None,
-    *,
-    for_analysis: bool = False,
-) -> Runtime:
+def runtime_of(spec: RuntimeSpec, *, for_analysis: bool = False) -> Runtime:
     """Resolve "auto" (and None) per device: on CUDA channels_last + bf16 + compile + the data
     on the device; on the CPU none of them. `for_analysis`: predictions the analysis
     uses, where "auto" precision is fp32 on every device."""
-    if precision not in PRECISIONS:
-        raise PrunecxrError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    resolved = resolve_device(device)
-    on_cuda = resolved.type == "cuda"
+    if spec.precision not in PRECISIONS:
+        raise PrunecxrError(f"unknown precision {spec.precision!r}; valid: {', '.join(PRECISIONS)}")
+    device = resolve_device(spec.device)
+    on_cuda = device.type == "cuda"
+    precision = spec.precision
     if precision == "auto":
         precision = "bf16" if on_cuda and not for_analysis else "fp32"
     if on_cuda:  # fixed input shapes: let cuDNN pick the fastest kernels once
         torch.backends.cudnn.benchmark = True
     return Runtime(
-        resolved,
-        on_cuda if channels_last is None else channels_last,
+        device,
+        on_cuda if spec.channels_last is None else spec.channels_last,
         precision,
-        on_cuda if compile is None else compile,
-        on_cuda if resident_data is None else resident_data,
+        on_cuda if spec.compile is None else spec.compile,
+        on_cuda if spec.resident_data is None else spec.resident_data,
     )
 
 
-def runtime_of(settings, *, for_analysis: bool = False) -> Runtime:
-    """resolve_runtime of settings that carry device, channels_last, precision, compile and
-    resident_data (a TrainConfig, a sweep's CellSettings)."""
-    return resolve_runtime(
-        settings.device,
-        settings.channels_last,
-        settings.precision,
-        settings.compile,
-        settings.resident_data,
-        for_analysis=for_analysis,
-    )
+def resolve_runtime(device: str = "auto", *, for_analysis: bool = False, **switches) -> Runtime:
+    """runtime_of the RuntimeSpec of `device` and `switches` (its other fields)."""
+    return runtime_of(RuntimeSpec(device, **switches), for_analysis=for_analysis)
 
 
 @contextlib.contextmanager
@@ -148,6 +132,12 @@ def standard_layout(model: nn.Module) -> nn.Module:
     Needed before flattening weights (torch.nn.utils.prune views them as vectors) and before a
     model is saved, so that what is stored loads and prunes in any layout."""
     return model.to(memory_format=torch.contiguous_format)
+
+
+def portable_model(model: nn.Module) -> nn.Module:
+    """`model` as it is stored and logged: fp32, on the CPU, in the standard layout, in eval
+    mode (in place, as `nn.Module.to` works; returns it)."""
+    return standard_layout(model.float().cpu()).eval()
 
 
 def portable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

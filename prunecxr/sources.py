@@ -7,71 +7,19 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
 from prunecxr import PrunecxrError, tracking
+from prunecxr.cells import ModelSource
 from prunecxr.data import get_schema
 from prunecxr.data.cache import DEFAULT_CACHE_DIR
 from prunecxr.models import create_model, load_state_file, model_from_weights
+from prunecxr.specs import DataSpec
 
 CHECKPOINT_PRETRAINED = "checkpoint"  # the `pretrained` param of a checkpoint file's cells
 _SEED_DIR = re.compile(r"_seed-(\d+)$")
-
-
-@dataclass(frozen=True)
-class DataSettings:
-    """Where a model's test data is and how it was prepared (from its train run or the CLI)."""
-
-    dataset: str
-    data_dir: str
-    label_dir: str
-    image_size: int
-    cache_dir: str = str(DEFAULT_CACHE_DIR)
-    preprocess: str = "default"  # how pixels were made for the model (data/cache.py)
-    skip_bad_images: bool = False  # unreadable images left out, as in training
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A model to prune: the unpruned network, where it came from, and its settings."""
-
-    uri: str  # runs:/..., models:/... or the checkpoint file's absolute path
-    run_id: str | None  # the train run that logged it; None for a checkpoint file
-    arch: str
-    seed: int
-    pretrained: str
-    data: DataSettings
-    model: nn.Module
-    sha256: str | None = None  # a checkpoint file's digest
-
-    @property
-    def key(self) -> str:
-        """Identifies the model: its train run, or the checkpoint file's path, seed and bytes."""
-        return self.run_id or f"{self.uri}#seed{self.seed}#{self.sha256[:12]}"
-
-    def params(self) -> dict:
-        """The source's params on a prune run (design §5 plus where its data and file are)."""
-        params = {
-            "dataset": self.data.dataset,
-            "arch": self.arch,
-            "seed": self.seed,
-            "image_size": self.data.image_size,
-            "pretrained": self.pretrained,
-            "source_run_id": self.run_id or "",
-            "model_uri": self.uri,
-            "data_dir": self.data.data_dir,
-            "label_dir": self.data.label_dir,
-            "cache_dir": self.data.cache_dir,
-            "preprocess": self.data.preprocess,
-        }
-        if self.data.skip_bad_images:
-            params["skip_bad_images"] = True
-        if self.sha256:
-            params.update(checkpoint_path=self.uri, checkpoint_sha256=self.sha256)
-        return params
 
 
 def default_model_uri() -> str:
@@ -82,7 +30,7 @@ def default_model_uri() -> str:
 def load_source(
     uri: str,
     *,
-    fallback: DataSettings | None = None,
+    fallback: DataSpec | None = None,
     arch: str = "resnet50",
     cache_dir: str | None = None,
     seed: int | None = None,
@@ -105,18 +53,25 @@ def _run_source(uri: str, cache_dir: str | None, allow_pickle: bool) -> ModelSou
     run_id = tracking.model_run_id(uri)
     params = tracking.run_settings(tracking.get_run(run_id))
     data = _data_settings(params, cache_dir)
-    model = _run_model(uri, run_id, params["arch"], data.dataset, allow_pickle)
+    model = _run_model(uri, run_id, params, allow_pickle)
     seed = int(params["seed"])
     return ModelSource(uri, run_id, params["arch"], seed, params["pretrained"], data, model)
 
 
-def _run_model(uri: str, run_id: str, arch: str, dataset: str, allow_pickle: bool) -> nn.Module:
+def rebuild_model(settings: dict[str, str], state: dict) -> nn.Module:
+    """The model a run logged: its `arch` for its `dataset`, given the weights `state`."""
+    return model_from_weights(settings["arch"], get_schema(settings["dataset"]).num_classes, state)
+
+
+def _run_model(uri: str, run_id: str, params: dict[str, str], allow_pickle: bool) -> nn.Module:
     state = tracking.load_weights(run_id)
     if state is not None:
         try:
-            return model_from_weights(arch, get_schema(dataset).num_classes, state)
+            return rebuild_model(params, state)
         except RuntimeError as error:
-            raise PrunecxrError(f"{uri}: its weights do not fit {arch}: {error}") from None
+            raise PrunecxrError(
+                f"{uri}: its weights do not fit {params['arch']}: {error}"
+            ) from None
     if not allow_pickle:
         raise PrunecxrError(
             f"{uri} has no weights file ({tracking.WEIGHTS_ARTIFACT}; logged by an older "
@@ -126,7 +81,7 @@ def _run_model(uri: str, run_id: str, arch: str, dataset: str, allow_pickle: boo
     return tracking.load_pickled_model(uri)
 
 
-def _checkpoint_source(path: Path, data: DataSettings, arch: str, seed: int | None) -> ModelSource:
+def _checkpoint_source(path: Path, data: DataSpec, arch: str, seed: int | None) -> ModelSource:
     model = create_model(arch, get_schema(data.dataset).num_classes)
     try:
         model.load_state_dict(load_state_file(path))
@@ -138,15 +93,15 @@ def _checkpoint_source(path: Path, data: DataSettings, arch: str, seed: int | No
     )
 
 
-def _data_settings(params: dict[str, str], cache_dir: str | None) -> DataSettings:
-    return DataSettings(
-        params["dataset"],
-        params["data_dir"],
-        params["label_dir"],
-        int(params["image_size"]),
-        cache_dir or params.get("cache_dir", str(DEFAULT_CACHE_DIR)),
-        params.get("preprocess", "default"),  # runs from before the option: default
-        str(params.get("skip_bad_images")).lower() == "true",
+def _data_settings(params: dict[str, str], cache_dir: str | None) -> DataSpec:
+    return DataSpec(
+        dataset=params["dataset"],
+        data_dir=params["data_dir"],
+        label_dir=params["label_dir"],
+        image_size=int(params["image_size"]),
+        cache_dir=cache_dir or params.get("cache_dir", str(DEFAULT_CACHE_DIR)),
+        preprocess=params.get("preprocess", "default"),  # runs from before the option: default
+        skip_bad_images=str(params.get("skip_bad_images")).lower() == "true",
     )
 
 

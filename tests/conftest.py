@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -17,6 +10,7 @@ import pytest
 
 from prunecxr.data import get_schema
 from prunecxr.data.synthetic import write_synthetic
+from tests.helpers import MlflowServer
 
 TINY_SPLITS = {"train": 96, "val": 48, "test": 64}
 
@@ -67,12 +61,6 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     mlflow.set_tracking_uri(None)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """A real `mlflow server` on 127.0.0.1 with server-served artifacts; stopped afterwards."""
@@ -81,60 +69,6 @@ def mlflow_server(tmp_path_factory) -> str:
         yield server.start()
     finally:
         server.stop()
-
-
-class MlflowServer:
-    """A real `mlflow server` with its store and artifacts in `root`; it can be stopped and
-    started again on the same port with the same data (a server that goes away)."""
-
-    def __init__(self, root: Path):
-        self.root, self.port, self.process = root, _free_port(), None
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> str:
-        command = [
-            *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"),
-            *("--port", str(self.port), "--workers", "1"),
-            *("--backend-store-uri", f"sqlite:///{self.root / 'server.db'}"),
-            *("--artifacts-destination", str(self.root / "artifacts")),
-        ]
-        with open(self.root / "server.log", "a") as log:
-            self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True
-            )
-        if not wait_until_ok(f"{self.url}/health", 90, lambda: self.process.poll() is None):
-            tail = (self.root / "server.log").read_text()[-2000:]
-            self.stop()
-            raise RuntimeError(f"mlflow server did not start: {tail}")
-        return self.url
-
-    def stop(self) -> None:
-        """Stop the server and its workers (their process group)."""
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=20)
-        self.process = None
-
-
-def wait_until_ok(url: str, timeout: float, still_starting=lambda: True) -> bool:
-    """Poll `url` until it answers 200 (True), `timeout` passes or still_starting() is False."""
-    deadline = time.monotonic() + timeout
-    # No proxies: urllib's global opener may have cached a proxy an earlier test set.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    while time.monotonic() < deadline and still_starting():
-        try:
-            with opener.open(url, timeout=2) as response:
-                if response.status == 200:
-                    return True
-        except OSError:
-            time.sleep(0.5)
-    return False
 
 
 @pytest.fixture
@@ -146,42 +80,3 @@ def server_store(mlflow_server, tmp_path, monkeypatch) -> str:
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """Environment for a subprocess: this interpreter's, plus `extra`, less the experiment and
-    run that mlflow.set_experiment() exported for children of this process."""
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")
-    }
-    # `python` in MLproject commands must be this interpreter, as in an activated environment.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return {**env, **extra}
-
-
-def spawn_prunecxr(*args: str, log: Path) -> subprocess.Popen:
-    """`prunecxr ARGS` in the background (output to `log`), to be killed by a test."""
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "prunecxr", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=cli_env(),
-        )
-
-
-def wait_for(condition, timeout: float, process: subprocess.Popen | None = None) -> None:
-    """Poll `condition()` until it is true; fail if `timeout` passes or `process` ends first."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"the process ended (exit code {process.returncode}) too early")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {timeout} s")
-        time.sleep(0.3)
-
-
-def kill(process: subprocess.Popen) -> None:
-    """SIGKILL, as a crash or an out-of-memory kill would, and reap it."""
-    process.kill()
-    process.wait(timeout=30)

@@ -8,7 +8,7 @@ import sys
 import time
 
 from prunecxr.data import get_schema, load_split
-from tests.test_cli import prunecxr
+from tests.helpers import prunecxr
 
 
 def test_caches_are_listed_and_removed_only_as_asked(tiny_nih, tmp_path):

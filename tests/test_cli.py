@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import cli_env
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def prunecxr(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "prunecxr", *args],
-        capture_output=True,
-        text=True,
-        env=cli_env(**env),
-        timeout=900,
-    )
+from tests.helpers import prunecxr
 
 
 def test_help_lists_every_command():

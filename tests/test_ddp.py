@@ -16,11 +16,11 @@ from mlflow.tracking import MlflowClient
 
 from prunecxr import distributed, tracking
 from prunecxr.device_data import DeviceImages
+from prunecxr.fitting import TrainState, train_one_epoch
 from prunecxr.models import create_model
 from prunecxr.runtime import resolve_runtime
-from prunecxr.train import TrainState, run_training, train_one_epoch
-from tests.conftest import _free_port, cli_env
-from tests.test_train import tiny_cli_options, tiny_config
+from prunecxr.stages.train import run_training
+from tests.helpers import cli_env, free_port, tiny_cli_options, tiny_config
 
 DDP_ENV = {"GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
 
@@ -51,7 +51,7 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path):
     images = generator.integers(0, 256, (96, 32, 32), dtype=np.uint8)
     labels = (generator.random((96, 20)) < 0.3).astype(np.float32)
     _one_epoch(0, 1, 0, images, labels, str(tmp_path / "one.pt"))
-    args = (2, _free_port(), images, labels, str(tmp_path / "two.pt"))
+    args = (2, free_port(), images, labels, str(tmp_path / "two.pt"))
     mp.spawn(_one_epoch, args=args, nprocs=2)
     one, two = (torch.load(tmp_path / f"{n}.pt") for n in ("one", "two"))
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)

@@ -23,9 +23,8 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import _free_port, wait_until_ok
+from tests.helpers import PROJECT_ROOT, free_port, wait_until_ok
 
-ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "prunecxr:ci"
 TINY_STUDY = (
     "study",
@@ -165,7 +164,7 @@ def env_files(folder: Path, **secrets_: str) -> dict[str, str]:
     compose variables that point at them."""
     paths = {}
     for name in ("tracking", "trainer"):
-        text = (ROOT / f".env.{name}.example").read_text()
+        text = (PROJECT_ROOT / f".env.{name}.example").read_text()
         for placeholder, value in secrets_.items():
             text = text.replace(f"change-me-{placeholder.replace('_', '-')}", value)
         paths[name] = folder / f"env.{name}"
@@ -177,7 +176,7 @@ def stack_env(files: dict[str, str]) -> dict[str, str]:
     return {
         **os.environ,
         **files,
-        "TRACKING_PORT": str(_free_port()),
+        "TRACKING_PORT": str(free_port()),
         "POSTGRES_IMAGE": "prunecxr-ci/postgres:15",
         "TRACKING_IMAGE": "prunecxr-tracking:ci",
         "PRUNECXR_IMAGE": IMAGE,
@@ -199,7 +198,7 @@ def stack(images, tmp_path_factory):
     )
     env = stack_env(files)
     project = f"prunecxr-test-{os.getpid()}"
-    compose = [*compose_command(), "-p", project, "-f", str(ROOT / "docker-compose.yml")]
+    compose = [*compose_command(), "-p", project, "-f", str(PROJECT_ROOT / "docker-compose.yml")]
     try:
         up = run(*compose, "up", "-d", "tracking", env=env)
         assert up.returncode == 0, up.stderr
@@ -304,7 +303,7 @@ def test_compose_stack_takes_a_sweep_logged_from_several_processes_at_once(stack
         "MLFLOW_TRACKING_PASSWORD": stack.trainer_password,
     }
     load = run(
-        *(sys.executable, str(ROOT / "bench" / "tracking_load.py"), "--processes", "3"),
+        *(sys.executable, str(PROJECT_ROOT / "bench" / "tracking_load.py"), "--processes", "3"),
         *("--cells", "2", "--test-images", "300", "--out", str(out)),
         env={**os.environ, "MLFLOW_TRACKING_URI": stack.url, **credentials},
     )
@@ -316,7 +315,7 @@ def test_compose_stack_takes_a_sweep_logged_from_several_processes_at_once(stack
 
 def test_compose_tracking_server_refuses_placeholder_and_short_secrets(images, tmp_path):
     compose = [*compose_command(), "-p", f"prunecxr-refuse-{os.getpid()}"]
-    compose += ["-f", str(ROOT / "docker-compose.yml")]
+    compose += ["-f", str(PROJECT_ROOT / "docker-compose.yml")]
     env = os.environ
     cases = {  # what the env files hold -> what the error names
         "placeholders": ({}, "POSTGRES_PASSWORD is still the example's placeholder"),
@@ -350,10 +349,12 @@ def api_get(url: str, path: str, credentials: tuple[str, str]) -> dict:
 def test_compose_file_reserves_gpus_and_binds_the_ui_to_localhost():
     env = {
         **os.environ,
-        "TRACKING_ENV_FILE": str(ROOT / ".env.tracking.example"),
-        "TRAINER_ENV_FILE": str(ROOT / ".env.trainer.example"),
+        "TRACKING_ENV_FILE": str(PROJECT_ROOT / ".env.tracking.example"),
+        "TRAINER_ENV_FILE": str(PROJECT_ROOT / ".env.trainer.example"),
     }
-    config = run(*compose_command(), "-f", str(ROOT / "docker-compose.yml"), "config", env=env)
+    config = run(
+        *compose_command(), "-f", str(PROJECT_ROOT / "docker-compose.yml"), "config", env=env
+    )
     assert config.returncode == 0, config.stderr
     services = yaml.safe_load(config.stdout)["services"]
     devices = services["prunecxr"]["deploy"]["resources"]["reservations"]["devices"]

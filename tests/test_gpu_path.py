@@ -10,8 +10,7 @@ import mlflow
 import pytest
 import torch
 
-from tests.test_cli import prunecxr
-from tests.test_train import tiny_cli_options
+from tests.helpers import prunecxr, tiny_cli_options
 
 pytestmark = pytest.mark.slow
 

@@ -14,17 +14,14 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from mlflow.projects import _project_spec
+from mlflow.projects import _project_spec  # private, but MLflow has no public MLproject parser
 from mlflow.tracking import MlflowClient
 
 from prunecxr import tracking
 from prunecxr.cli import cli
-from prunecxr.train import run_training
-from tests.conftest import cli_env
-from tests.test_cli import prunecxr
-from tests.test_train import tiny_config
+from prunecxr.stages.train import run_training
+from tests.helpers import PROJECT_ROOT, cli_env, prunecxr, tiny_config
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {"main", "train", "prune", "sweep", "analyze"}
 
 

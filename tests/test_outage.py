@@ -12,8 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from prunecxr.sources import load_source
-from tests.conftest import MlflowServer, cli_env, wait_for
-from tests.test_train import tiny_cli_options
+from tests.helpers import MlflowServer, cli_env, tiny_cli_options, wait_for
 
 pytestmark = pytest.mark.slow
 EPOCHS = 8  # enough for the server to be stopped well before the last one

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from prunecxr import PrunecxrError, tracking
-from prunecxr.ownership import (
+from prunecxr.tracking.ownership import (
     HEARTBEAT_TAG,
     OWNER_TAG,
     STALE_SECONDS,
@@ -66,7 +66,7 @@ def test_liveness(run_id, owner, heartbeat_age, alive):
 
 
 def test_owned_marks_the_run_and_a_contested_claim_settles(run_id, monkeypatch):
-    monkeypatch.setattr("prunecxr.ownership.CLAIM_SETTLE_SECONDS", 0.1)
+    monkeypatch.setattr("prunecxr.tracking.ownership.CLAIM_SETTLE_SECONDS", 0.1)
     with owned(run_id, contested=True):
         tags = MlflowClient().get_run(run_id).data.tags
         assert tags[OWNER_TAG].endswith(":" + str(os.getpid()))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import PROJECT_ROOT
 
 
 def pins(path: Path) -> dict[str, str]:
@@ -17,7 +17,7 @@ def pins(path: Path) -> dict[str, str]:
 
 
 def test_image_pins_every_runtime_dependency_within_pyproject_ranges():
-    pinned = pins(ROOT / "docker" / "requirements.txt")
+    pinned = pins(PROJECT_ROOT / "docker" / "requirements.txt")
     runtime = [r for r in map(Requirement, metadata.requires("prunecxr")) if not r.marker]
     for requirement in runtime:  # pyproject.toml's dependencies, as installed
         if requirement.name in ("torch", "torchvision"):  # the base image's
@@ -28,5 +28,5 @@ def test_image_pins_every_runtime_dependency_within_pyproject_ranges():
 
 
 def test_tracking_server_runs_the_mlflow_the_image_logs_with():
-    tracking = pins(ROOT / "docker" / "tracking" / "requirements.txt")
-    assert tracking["mlflow"] == pins(ROOT / "docker" / "requirements.txt")["mlflow"]
+    tracking = pins(PROJECT_ROOT / "docker" / "tracking" / "requirements.txt")
+    assert tracking["mlflow"] == pins(PROJECT_ROOT / "docker" / "requirements.txt")["mlflow"]

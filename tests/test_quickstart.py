@@ -15,9 +15,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import cli_env
+from tests.helpers import PROJECT_ROOT, cli_env
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
@@ -84,7 +83,7 @@ def test_quickstart_demo_then_the_headline_prune_command(tmp_path):
         "analyze": 1,
     }
     assert {run.info.status for run in demo_runs} == {"FINISHED"}
-    # The paper's headline finding appears in the demo (README, "The demo's findings").
+    # The paper's headline finding appears in the demo (docs/demo.md, "The demo's findings").
     correlations = pd.read_csv(
         client.download_artifacts(
             by_stage["analyze"][0].info.run_id, "tables/correlations.csv", str(tmp_path)

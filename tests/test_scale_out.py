@@ -17,17 +17,23 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from prunecxr import tracking
-from prunecxr.sweep import CELL_TAG
-from prunecxr.train import run_training
-from tests.conftest import _free_port, cli_env, spawn_prunecxr, wait_for
-from tests.test_cli import prunecxr
-from tests.test_train import tiny_cli_options, tiny_config
+from prunecxr.stages.prune import CELL_TAG
+from prunecxr.stages.train import run_training
+from tests.helpers import (
+    cli_env,
+    free_port,
+    prunecxr,
+    spawn_prunecxr,
+    tiny_cli_options,
+    tiny_config,
+    wait_for,
+)
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"  # Ray turns 127.0.0.1 into the outward address
 RAY_ENV = {
-    "RAY_AUTH_MODE": "disabled",  # the tests' nodes and drivers: see the README's Scale out
+    "RAY_AUTH_MODE": "disabled",  # the tests' nodes and drivers: see docs/scale-out.md
     "RAY_USAGE_STATS_ENABLED": "0",
     # A lost node is declared dead after 3 missed 1-second health checks (default: 5 x 3 s).
     "RAY_health_check_period_ms": "1000",
@@ -92,7 +98,7 @@ def _start_worker_node(address: str) -> None:
 def ray_cluster():
     """A head node and a worker node (1 CPU each); every process of theirs is stopped after."""
     temp = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # short: Ray's socket paths are limited
-    address = f"{HEAD_IP}:{_free_port()}"
+    address = f"{HEAD_IP}:{free_port()}"
     before = _ray_pids()
     try:
         _ray(

@@ -13,7 +13,7 @@ import torch
 from prunecxr import PrunecxrError
 from prunecxr.models import create_model
 from prunecxr.sources import file_sha256, seed_from_layout
-from tests.test_cli import prunecxr
+from tests.helpers import prunecxr
 
 
 @pytest.mark.parametrize(

@@ -11,10 +11,8 @@ from mlflow.tracking import MlflowClient
 from prunecxr import tracking
 from prunecxr.data import get_schema
 from prunecxr.data.synthetic import write_synthetic
-from prunecxr.train import run_training
-from tests.conftest import kill, spawn_prunecxr, wait_for
-from tests.test_cli import prunecxr
-from tests.test_train import tiny_config
+from prunecxr.stages.train import run_training
+from tests.helpers import kill, prunecxr, spawn_prunecxr, tiny_config, wait_for
 
 pytestmark = pytest.mark.slow
 SPLITS = {"train": 400, "val": 60, "test": 60}

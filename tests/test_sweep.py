@@ -17,12 +17,13 @@ from prunecxr import PrunecxrError, tracking
 from prunecxr.data import get_schema, load_split
 from prunecxr.evaluate import predict_logits, sigmoid
 from prunecxr.executor import Executor
+from prunecxr.options import parse_sparsities
 from prunecxr.runtime import resolve_runtime
-from prunecxr.sources import DataSettings, load_source
-from prunecxr.sweep import CELL_TAG, CellSettings, parse_sparsities, run_sweep
-from prunecxr.train import run_training
-from tests.test_cli import prunecxr
-from tests.test_train import tiny_config
+from prunecxr.sources import load_source
+from prunecxr.specs import CellSettings, DataSpec, ExecutionSpec, Finetune, RuntimeSpec
+from prunecxr.stages.prune import CELL_TAG, run_prune, run_sweep
+from prunecxr.stages.train import run_training
+from tests.helpers import prunecxr, tiny_config
 
 NIH = get_schema("nih-cxr-lt")
 pytestmark = pytest.mark.slow
@@ -147,7 +148,7 @@ def test_prune_without_any_train_run_says_how_to_make_one(mlflow_store):
 
 def test_sweep_runs_every_cell_and_resumes_after_an_interruption(trained, cache_dir):
     source = load_source(f"runs:/{trained}/model", cache_dir=str(cache_dir))
-    settings = CellSettings(device="cpu", batch_size=64, log_model=False)
+    settings = CellSettings(RuntimeSpec(device="cpu"), batch_size=64, log_model=False)
     sparsities = [0.0, 0.5, 0.9]
     sweep_id = run_sweep([source], ["l1", "random"], sparsities, settings)
     children = _children(sweep_id)
@@ -176,7 +177,7 @@ def test_checkpoint_file_needs_data_settings(tmp_path):
     torch.save({"weights": {}}, tmp_path / "chkpt.pt")
     with pytest.raises(PrunecxrError, match="give --dataset, --data-dir"):
         load_source(str(tmp_path / "chkpt.pt"))
-    assert DataSettings("nih-cxr-lt", "d", "d", 32).cache_dir
+    assert DataSpec("nih-cxr-lt", "d", "d", 32).cache_dir
 
 
 @pytest.mark.parametrize(
@@ -194,11 +195,9 @@ def test_bad_sparsities_are_refused(text):
 
 
 def test_finetuning_after_unstructured_pruning_keeps_the_sparsity(trained, cache_dir):
-    from prunecxr.sweep import run_prune
-    from prunecxr.train import Finetune
 
     source = load_source(f"runs:/{trained}/model", cache_dir=str(cache_dir))
-    settings = CellSettings(device="cpu", batch_size=64)
+    settings = CellSettings(RuntimeSpec(device="cpu"), batch_size=64)
     run_id = run_prune(source, "l1", 0.5, settings, Finetune(epochs=1, lr=1e-3, batch_size=32))
     run = MlflowClient().get_run(run_id)
     assert run.data.params["finetune_epochs"] == "1"
@@ -216,11 +215,9 @@ def test_unstructured_cells_share_one_compiled_graph_and_match_a_fresh_copy():
 
     import torch._dynamo.utils
 
+    from prunecxr.cells import ModelSource, SourceCells
     from prunecxr.device_data import DeviceImages
     from prunecxr.pruning import prune_model
-    from prunecxr.sources import ModelSource
-    from prunecxr.sweep import SourceCells
-    from prunecxr.train import Finetune
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -231,10 +228,10 @@ def test_unstructured_cells_share_one_compiled_graph_and_match_a_fresh_copy():
         torch.nn.Linear(8, NIH.num_classes),
     ).eval()
     images = np.random.default_rng(0).integers(0, 256, (10, 16, 16), dtype=np.uint8)
-    data = DataSettings(NIH.name, "/nowhere", "/nowhere", 16)
+    data = DataSpec(NIH.name, "/nowhere", "/nowhere", 16)
     source = ModelSource("test", None, "tiny", 3, "none", data, model)
     runtime = resolve_runtime("cpu", compile=True)
-    settings = CellSettings(device="cpu", batch_size=4, compile=True)
+    settings = CellSettings(RuntimeSpec(device="cpu", compile=True), batch_size=4)
     cells = SourceCells(source, DeviceImages(images, runtime), runtime, settings, Finetune())
     counters = torch._dynamo.utils.counters["stats"]
     first = cells.compute("l1", 0.5)
@@ -264,9 +261,14 @@ def test_cells_that_fail_are_failed_runs_with_their_error_and_the_others_finish(
     sources = [load_source(f"runs:/{run_id}/model") for run_id in runs]
     shutil.rmtree(moved)  # the second model's test data is gone (e.g. a disk not mounted)
     shutil.rmtree(tmp_path / "cache-moved")
-    settings = CellSettings(device="cpu", batch_size=64)
+    settings = CellSettings(RuntimeSpec(device="cpu"), batch_size=64)
     sweep = functools.partial(
-        run_sweep, sources, ["l1"], [0.0, 0.5, 0.9], settings, executor=Executor(max_retries=1)
+        run_sweep,
+        sources,
+        ["l1"],
+        [0.0, 0.5, 0.9],
+        settings,
+        executor=Executor(ExecutionSpec(max_retries=1)),
     )
     with pytest.raises(PrunecxrError, match=r"3 cells done \(0 after a retry\), 3 failed"):
         sweep()

@@ -120,7 +120,7 @@ def test_every_finding_has_a_sign_of_its_own_subtler_when_rarer():
 
 
 def test_the_demo_reuses_its_data_and_refuses_another_seeds_or_an_older_recipe(tmp_path):
-    from prunecxr.study import DEMO_SPLIT_SIZES, ensure_demo_data
+    from prunecxr.stages.study import DEMO_SPLIT_SIZES, ensure_demo_data
 
     demo = tmp_path / "demo"
     ensure_demo_data(demo, "nih-cxr-lt", seed=0)

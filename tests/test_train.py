@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -18,52 +16,16 @@ from prunecxr.data import get_schema, load_split
 from prunecxr.data.schemas import class_slug
 from prunecxr.data.synthetic import write_synthetic
 from prunecxr.evaluate import predict_logits, sigmoid
+from prunecxr.fitting import create_state, restore_state
 from prunecxr.runtime import resolve_runtime
-from prunecxr.study import StudyConfig, study_key
-from prunecxr.train import (
-    CHECKPOINT_ARTIFACT,
-    Checkpoints,
-    TrainConfig,
-    _resume_note,
-    create_state,
-    fetch_checkpoint,
-    restore_state,
-    resume_training,
-    run_training,
-    train_key,
-)
-from tests.conftest import kill, spawn_prunecxr, wait_for
-from tests.test_cli import prunecxr
+from prunecxr.specs import TrainConfig, train_key
+from prunecxr.stages.checkpoints import CHECKPOINT_ARTIFACT, Checkpoints, fetch_checkpoint
+from prunecxr.stages.study import StudyConfig, study_key
+from prunecxr.stages.train import resume_note, resume_training, run_training
+from tests.helpers import kill, prunecxr, spawn_prunecxr, tiny_config, wait_for
 
 NIH = get_schema("nih-cxr-lt")
 pytestmark = pytest.mark.slow
-
-
-def tiny_config(data_dir: Path, cache_dir: Path, **overrides) -> TrainConfig:
-    settings = dict(
-        dataset="nih-cxr-lt",
-        data_dir=str(data_dir),
-        label_dir=str(data_dir),
-        arch="resnet18",
-        pretrained="none",
-        image_size=32,
-        batch_size=32,
-        lr=1e-3,
-        max_epochs=2,
-        patience=5,
-        device="cpu",
-        cache_dir=str(cache_dir),
-    )
-    return TrainConfig(**{**settings, **overrides})
-
-
-def tiny_cli_options(data_dir: Path, cache_dir: Path, device: str = "cpu") -> list[str]:
-    """tiny_config's settings as command-line options (max_epochs and patience aside)."""
-    return [
-        *("--data-dir", str(data_dir), "--arch", "resnet18", "--image-size", "32"),
-        *("--batch-size", "32", "--lr", "1e-3", "--device", device),
-        *("--cache-dir", str(cache_dir)),
-    ]
 
 
 def _history(run_id: str) -> pd.DataFrame:
@@ -263,7 +225,7 @@ def test_restoring_a_checkpoint_downloads_nothing(tmp_path, monkeypatch):
         monkeypatch.setenv(proxy, "http://127.0.0.1:9")
     config = tiny_config(tmp_path, tmp_path, pretrained="imagenet")
     runtime = resolve_runtime("cpu")
-    trained = create_state(dataclasses.replace(config, pretrained="none"), 20, runtime)
+    trained = create_state(config.replace(pretrained="none"), 20, runtime)
     restored = restore_state(trained.checkpoint(config), config, 20, runtime)
     for a, b in zip(trained.model.state_dict().values(), restored.model.state_dict().values()):
         assert torch.equal(a, b)
@@ -360,13 +322,15 @@ def test_weight_decay_shrinks_weights_the_data_leaves_alone(tmp_path, weight_dec
 def test_runs_keyed_before_weight_decay_existed_are_still_found():
     """At 0, weight_decay is left out of the keys: the same values prunecxr computed before the
     option existed (6915a9c), so running an older command again continues its study."""
-    config = TrainConfig(dataset="nih-cxr-lt", data_dir="/data/nih", label_dir="/data/nih")
+    config = TrainConfig.from_flat(
+        dataset="nih-cxr-lt", data_dir="/data/nih", label_dir="/data/nih"
+    )
     assert train_key(config) == "78f9b5c4da9fb4ea"
     assert study_key(StudyConfig(config)) == "8f71ffefca0be4b4"
-    decayed = dataclasses.replace(config, weight_decay=1e-5)
+    decayed = config.replace(weight_decay=1e-5)
     assert train_key(decayed) != train_key(config)
     assert study_key(StudyConfig(decayed)) != study_key(StudyConfig(config))
     # A checkpoint written before: its missing weight_decay is the default, not a change.
-    older = {k: v for k, v in dataclasses.asdict(config).items() if k != "weight_decay"}
+    older = {k: v for k, v in config.flat().items() if k != "weight_decay"}
     checkpoint = {"config": older, "epoch": 3}
-    assert "weight_decay" not in _resume_note(checkpoint, config, resolve_runtime("cpu"))
+    assert "weight_decay" not in resume_note(checkpoint, config, resolve_runtime("cpu"))

@@ -1,1 +1,2 @@
-"""The study's analyses (design §7): forgettability, co-occurrence/FCD, PIEs, figures, report."""
+"""The study's analyses (docs/ARCHITECTURE.md, "Analysis"): forgettability, co-occurrence and
+FCD, PIEs, figures, report."""

@@ -8,8 +8,8 @@
    per image. Rarer findings are subtler, as in real radiographs: smaller and fainter, within
    +-10 % of the nominal contrast, and learned from fewer examples. (Rare signs at half the
    contrast, or look-alikes of common ones, stayed at chance AP in a small CNN: a class it never
-   learned cannot be forgotten, and the paper's findings could not appear; README, "The demo's
-   findings".)
+   learned cannot be forgotten, and the paper's findings could not appear; docs/demo.md, "The
+   demo's findings".)
 """
 
 from __future__ import annotations

@@ -16,8 +16,10 @@ import threading
 import time
 from collections.abc import Iterator
 
-from prunecxr import PrunecxrError, tracking
+from prunecxr import PrunecxrError
 from prunecxr.processes import process_alive
+from prunecxr.tracking.record import set_run_tags
+from prunecxr.tracking.store import end_unfinished_children, get_run
 
 OWNER_TAG = "prunecxr.owner"
 HEARTBEAT_TAG = "prunecxr.heartbeat"
@@ -40,7 +42,7 @@ def take_over(run_id: str, what: str) -> None:
     """Before continuing `run_id` (a study or sweep a process left unfinished): refused while
     that process lives; the runs it left RUNNING underneath are marked KILLED."""
     refuse_if_alive(run_id, what)
-    tracking.end_unfinished_children(run_id, still_alive=is_alive)
+    end_unfinished_children(run_id, still_alive=is_alive)
     log.info("continuing %s %s", what, run_id)
 
 
@@ -49,10 +51,10 @@ def owned(run_id: str, *, contested: bool = False) -> Iterator[None]:
     """Mark `run_id` as this process's and keep its heartbeat going inside the block. A
     `contested` run (an unfinished one being continued) is re-read after a moment: of two
     processes that took it over at the same time, the one whose claim was overwritten stops."""
-    tracking.set_run_tags(run_id, {OWNER_TAG: _me(), HEARTBEAT_TAG: str(int(time.time()))})
+    set_run_tags(run_id, {OWNER_TAG: _me(), HEARTBEAT_TAG: str(int(time.time()))})
     if contested:
         time.sleep(CLAIM_SETTLE_SECONDS)
-        owner = tracking.get_run(run_id).data.tags.get(OWNER_TAG)
+        owner = get_run(run_id).data.tags.get(OWNER_TAG)
         if owner != _me():
             raise PrunecxrError(f"process {owner} took over {run_id} at the same moment; let it")
     with _lock:
@@ -80,12 +82,12 @@ def _beat() -> None:
         for run_id in run_ids:
             # A tracking server that is briefly away must not end the run: try again next beat.
             with contextlib.suppress(Exception):
-                tracking.set_run_tags(run_id, {HEARTBEAT_TAG: str(int(time.time()))})
+                set_run_tags(run_id, {HEARTBEAT_TAG: str(int(time.time()))})
 
 
 def refuse_if_alive(run_id: str, what: str) -> None:
     """A clear error when another live process works on `run_id` (a study, sweep or train)."""
-    run = tracking.get_run(run_id)
+    run = get_run(run_id)
     if not is_alive(run):
         return
     owner = run.data.tags.get(OWNER_TAG, "?")

@@ -3,7 +3,7 @@ in order, when it answers again. A folder per run: `meta.json` (run id, tracking
 `records.jsonl` (one logging call per line) and `files/` (the files those calls log). A run that
 ends while the server is still away leaves its folder behind: `prunecxr upload FOLDER` sends it.
 
-The calls themselves are made by `perform` (tracking.py: the only module that talks to MLflow)."""
+The calls themselves are made by `perform` (record.py; this module knows nothing of MLflow)."""
 
 from __future__ import annotations
 

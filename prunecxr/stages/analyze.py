@@ -19,12 +19,14 @@ from prunecxr.analysis.predictions import (
 )
 from prunecxr.analysis.report import render_report
 from prunecxr.analysis.study_analysis import Analysis, analyze_predictions
+from prunecxr.cells import test_split
 from prunecxr.data import get_schema
 from prunecxr.data.cache import decode_image
 from prunecxr.data.labels import read_labels
 from prunecxr.pruning import prunable_weights
 from prunecxr.sources import source_of_cell
-from prunecxr.sweep import load_test_split
+from prunecxr.specs import digest
+from prunecxr.stages.kernel import Stage, open_stage
 
 HISTOGRAM_SPARSITIES = (0.5, 0.9)
 
@@ -64,7 +66,7 @@ def analyze_sweep(
     train_labels = read_labels(schema, Path(source.data.label_dir), "train").labels
     preds = from_prediction_frames(schema, frames, train_labels)
     _check_complete(preds)
-    test_images = load_test_split(source.data).images
+    test_images = test_split(source.data).images
     analysis = analyze_predictions(
         preds, cooccurrence_mode=cooccurrence_mode, load_image=lambda row: test_images[row]
     )
@@ -78,11 +80,13 @@ def analyze_sweep(
         "test images": len(preds.labels),
         "co-occurrence": _cooccurrence_note(cooccurrence_mode),
     }
-    return _log(
-        analysis,
-        {"sweep_run_id": sweep_run_id, "dataset": schema.name, "cooccurrence": cooccurrence_mode},
-        context,
-    )
+    params = {
+        "sweep_run_id": sweep_run_id,
+        "dataset": schema.name,
+        "cooccurrence": cooccurrence_mode,
+    }
+    key = analyze_key(sweep_run_id, cooccurrence_mode)
+    return _log(analysis, analyze_stage(params, key), context)
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,8 @@ def analyze_published(
         "dataset": schema.name,
         "cooccurrence": cooccurrence_mode,
     }
-    return _log(analysis, params, context)
+    key = analyze_key(str(published.preds_dir), cooccurrence_mode)
+    return _log(analysis, analyze_stage(params, key), context)
 
 
 def _cooccurrence_note(mode: str) -> str:
@@ -157,9 +162,17 @@ def _weight_histogram(model, arch: str):
     return figures.weight_histograms(weights, cuts, arch)
 
 
-def _log(analysis: Analysis, params: dict, context: dict) -> str:
-    with tracking.start_run("analyze", run_name="analyze") as run_id:
-        tracking.log_params(params)
+def analyze_key(analyzed: str, cooccurrence_mode: str) -> str:
+    """Identifies an analysis: what it analyzed (a sweep run id, a predictions folder) and how."""
+    return digest((analyzed, cooccurrence_mode))
+
+
+def analyze_stage(params: dict, key: str) -> Stage:
+    return Stage("analyze", "analyze", key=key, params=params)
+
+
+def _log(analysis: Analysis, stage: Stage, context: dict) -> str:
+    with open_stage(stage) as run_id:
         tracking.log_metrics({k: float(v) for k, v in analysis.numbers.items() if np.isfinite(v)})
         for path, table in analysis.tables.items():
             tracking.log_table(table, path)

@@ -1,0 +1,120 @@
+"""The resumable-stage kernel: how every stage run (study, train, sweep, prune, analyze) opens
+and ends (docs/ARCHITECTURE.md, "The stage kernel").
+
+1. Look up by key: a stage's key says what it computes, so running the same command again
+   finds the run it started before (`find_previous`).
+2. Take over that run if it is unfinished (refused while its process lives; what it left
+   RUNNING underneath is marked KILLED), or start a new one, nested under its parent.
+3. Own it: a heartbeat says a live process works on it, so a second one is refused.
+4. A new run gets its key tag and its params.
+5. The stage's work runs inside; the run ends with it (FINISHED, or FAILED/KILLED on an error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prunecxr import tracking
+from prunecxr.tracking import ownership
+
+# The tag that holds each stage's key (the names runs have always had).
+KEY_TAGS = {
+    "study": "prunecxr.study_key",
+    "train": "prunecxr.train_key",
+    "sweep": "prunecxr.sweep_key",
+    "prune": "prunecxr.cell",
+    "analyze": "prunecxr.analyze_key",
+}
+_DESCRIBED = {"train": "train run"}  # how errors and notes name a stage's run
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage run to open: its stage, name, key and params, and where it hangs."""
+
+    name: str  # the prunecxr.stage tag: study, train, sweep, prune or analyze
+    run_name: str
+    key: str | None = None  # what the run computes (None: every run is new)
+    params: dict = field(default_factory=dict, hash=False)
+    parent_run_id: str | None = None  # None: under the active run, if any
+    system_metrics: bool = False  # MLflow samples CPU, memory and GPU use while it is open
+    keep_while_away: tracking.KeepWhileAway | None = None  # see tracking/record.py
+    owned: bool = True  # heartbeat and refusal of a second process (cells: their sweep's)
+
+    @property
+    def key_tag(self) -> str:
+        return KEY_TAGS[self.name]
+
+    @property
+    def described(self) -> str:
+        return _DESCRIBED.get(self.name, self.name)
+
+
+@dataclass(frozen=True)
+class Previous:
+    """A run of the same key found by `find_previous`: finished (its result stands) or to be
+    continued."""
+
+    run_id: str
+    finished: bool
+
+
+def find_previous(
+    stage: Stage,
+    *,
+    reuse_finished: bool = False,
+    can_continue: Callable[[str], bool] = lambda run_id: True,
+) -> Previous | None:
+    """The newest run of `stage`'s key (directly under its parent when it has one) that is
+    finished, if `reuse_finished`, or unfinished and `can_continue`."""
+    if stage.key is None:
+        return None
+    runs = tracking.runs_with_tag(stage.name, stage.key_tag, stage.key, stage.parent_run_id)
+    for run_id, status in runs:
+        if status == "FINISHED":
+            if reuse_finished:
+                return Previous(run_id, finished=True)
+        elif can_continue(run_id):
+            return Previous(run_id, finished=False)
+    return None
+
+
+@contextlib.contextmanager
+def open_stage(stage: Stage, continued_run_id: str | None = None) -> Iterator[str]:
+    """Steps 2 to 5 for `stage`: continue `continued_run_id` or start a new run; yields the run
+    id while the stage works."""
+    if continued_run_id is not None:
+        ownership.take_over(continued_run_id, stage.described)
+    with tracking.start_run(
+        stage.name,
+        run_name=stage.run_name,
+        run_id=continued_run_id,
+        parent_run_id=stage.parent_run_id,
+        system_metrics=stage.system_metrics,
+        keep_while_away=stage.keep_while_away,
+    ) as run_id:
+        owning = ownership.owned(run_id, contested=continued_run_id is not None)
+        with owning if stage.owned else contextlib.nullcontext():
+            if continued_run_id is None:
+                if stage.key is not None:
+                    tracking.set_tags({stage.key_tag: stage.key})
+                if stage.params:
+                    tracking.log_params(stage.params)
+            yield run_id
+
+
+def run_stage(stage: Stage, work: Callable[[str], None]) -> str:
+    """Steps 1 to 5 for a stage that continues its unfinished run of the same key: work(run id)
+    runs inside the (new or continued) run. -> the run id."""
+    previous = find_previous(stage)
+    with open_stage(stage, previous.run_id if previous else None) as run_id:
+        work(run_id)
+    return run_id
+
+
+def finished_run(stage: Stage) -> str | None:
+    """The newest finished run of `stage`'s key (under its parent), if any: its work is done."""
+    previous = find_previous(stage, reuse_finished=True, can_continue=lambda run_id: False)
+    return previous.run_id if previous else None
