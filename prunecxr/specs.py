@@ -1,9 +1,9 @@
 """Every setting of every stage, once: small frozen dataclasses composed per stage, each field
 with its default and help as metadata (docs/ARCHITECTURE.md, "Settings").
 
-The CLI's options (prunecxr/options.py) are generated from these fields, MLproject's parameters
-are checked against them (tests/test_specs.py), and a stage's key — what it computes, so that
-running it again continues it — is derived from each field's `role`:
+The CLI's options (prunecxr/cli/options.py) are generated from these fields, MLproject's
+parameters are checked against them (tests/test_specs.py), and a stage's key — what it computes,
+so that running it again continues it — is derived from each field's `role`:
 
 - WHAT: changes what is computed; part of every key, fixed when a run is resumed.
 - RESUMABLE: how long a training runs and where its data is; may change when a train run is

@@ -14,10 +14,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from prunecxr import PrunecxrError, tracking
+from prunecxr.cli.options import parse_sparsities
 from prunecxr.data import get_schema, load_split
 from prunecxr.evaluate import predict_logits, sigmoid
 from prunecxr.executor import Executor
-from prunecxr.options import parse_sparsities
 from prunecxr.runtime import resolve_runtime
 from prunecxr.sources import load_source
 from prunecxr.specs import CellSettings, DataSpec, ExecutionSpec, Finetune, RuntimeSpec

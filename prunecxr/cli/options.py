@@ -14,6 +14,7 @@ import numpy as np
 
 from prunecxr import PrunecxrError
 from prunecxr.data.synthetic import read_marker
+from prunecxr.executor import Executor
 from prunecxr.pruning import METHODS
 from prunecxr.specs import (
     ABSOLUTE,
@@ -71,6 +72,7 @@ def _click_type(annotation: str, meta):
     return str
 
 
+POSITIVE = click.IntRange(min=1)
 data_options = options(DataSpec)
 model_options = options(ModelSpec, "arch", "pretrained")
 optimization_options = options(OptimSpec)
@@ -116,6 +118,10 @@ def spec_of(cls, values: dict, **given):
 
 def _text(value):
     return str(value) if isinstance(value, Path) else value
+
+
+def executor_of(values: dict) -> Executor:
+    return Executor(spec_of(ExecutionSpec, values))
 
 
 def train_config(values: dict) -> TrainConfig:
