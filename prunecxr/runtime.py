@@ -32,6 +32,7 @@ class Runtime:
     precision: str  # "bf16" (autocast) or "fp32"
     compile: bool = False  # torch.compile the forward pass
     resident_data: bool = False  # a split's uint8 images held on the device as one tensor
+    cudnn_benchmark: bool = False  # cuDNN times its kernels once per input shape
 
     @property
     def on_cuda(self) -> bool:
@@ -100,14 +101,16 @@ def runtime_of(spec: RuntimeSpec, *, for_analysis: bool = False) -> Runtime:
     precision = spec.precision
     if precision == "auto":
         precision = "bf16" if on_cuda and not for_analysis else "fp32"
-    if on_cuda:  # fixed input shapes: let cuDNN pick the fastest kernels once
-        torch.backends.cudnn.benchmark = True
+    # Fixed input shapes: cuDNN can pick the fastest kernels once (not bit-for-bit repeatable).
+    benchmark = on_cuda if spec.cudnn_benchmark is None else spec.cudnn_benchmark
+    torch.backends.cudnn.benchmark = benchmark
     return Runtime(
         device,
         on_cuda if spec.channels_last is None else spec.channels_last,
         precision,
         on_cuda if spec.compile is None else spec.compile,
         on_cuda if spec.resident_data is None else spec.resident_data,
+        benchmark,
     )
 
 

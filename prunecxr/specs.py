@@ -150,6 +150,11 @@ class RuntimeSpec:
         "Hold a split's images on the device as one uint8 tensor (streamed in batches when it "
         "does not fit) [default: on for CUDA, off for the CPU].",
     )
+    cudnn_benchmark: bool | None = where(
+        None,
+        "Let cuDNN time its convolution kernels once per input shape and keep the fastest "
+        "[default: on for CUDA, off for the CPU].",
+    )
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ def test_every_switch_is_selectable_on_the_cpu():
         "precision": "bf16",
         "compile": "true",
         "resident_data": "true",
+        "cudnn_benchmark": "false",
     }
     standard_layout(model)
     assert all(p.is_contiguous() for p in model.parameters())
@@ -85,3 +86,15 @@ def test_compiled_forward_shares_the_model_and_matches_eager():
         model[0].weight.mul_(2)  # in place, as a sweep loads each cell's weights
         torch.testing.assert_close(forward(batch), model(batch), rtol=1e-5, atol=1e-5)
     assert resolve_runtime("cpu").compiled(model) is model
+
+
+def test_cudnn_benchmark_follows_the_switch():
+    """On for CUDA unless switched off; selectable on the CPU; reported as it ran."""
+    assert resolve_runtime("cpu").describe()["cudnn_benchmark"] == "false"
+    chosen = resolve_runtime("cpu", cudnn_benchmark=True)
+    assert chosen.cudnn_benchmark and torch.backends.cudnn.benchmark
+    assert chosen.describe()["cudnn_benchmark"] == "true"
+    resolve_runtime("cpu", cudnn_benchmark=False)
+    assert not torch.backends.cudnn.benchmark
+    if torch.cuda.is_available():
+        assert resolve_runtime("cuda").cudnn_benchmark
