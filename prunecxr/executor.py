@@ -80,7 +80,8 @@ class Executor:
         keys = [str(i) for i in range(len(jobs))]
         failed, _ = retry_failed(keys, attempt, self.max_retries, lambda k: names[int(k)])
         if failed:
-            listed = "; ".join(f"{names[int(k)]}: {f.error}" for k, f in sorted(failed.items()))
+            ordered = sorted(failed.items(), key=lambda item: int(item[0]))
+            listed = "; ".join(f"{names[int(k)]}: {f.error}" for k, f in ordered)
             raise PrunecxrError(
                 f"{len(failed)} of {len(jobs)} failed ({listed}); run the same command again "
                 f"to continue"

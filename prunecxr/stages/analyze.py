@@ -25,7 +25,6 @@ from prunecxr.data.cache import decode_image
 from prunecxr.data.labels import read_labels
 from prunecxr.pruning import prunable_weights
 from prunecxr.sources import source_of_cell
-from prunecxr.specs import digest
 from prunecxr.stages.kernel import Stage, open_stage
 
 HISTOGRAM_SPARSITIES = (0.5, 0.9)
@@ -40,7 +39,7 @@ def analyze_sweep(
     sweep_run_id: str, *, cooccurrence_mode: str = "paper", allow_pickle: bool = False
 ) -> str:
     """Analyze every prune run under `sweep_run_id`; returns the analyze run's id."""
-    stage = tracking.run_stage(tracking.get_run(sweep_run_id))
+    stage = tracking.stage_of(tracking.get_run(sweep_run_id))
     if stage != "sweep":
         raise PrunecxrError(
             f"run {sweep_run_id} is a {stage or 'non-prunecxr'} run, not a sweep; "
@@ -85,8 +84,7 @@ def analyze_sweep(
         "dataset": schema.name,
         "cooccurrence": cooccurrence_mode,
     }
-    key = analyze_key(sweep_run_id, cooccurrence_mode)
-    return _log(analysis, analyze_stage(params, key), context)
+    return _log(analysis, analyze_stage(params), context)
 
 
 @dataclass(frozen=True)
@@ -136,8 +134,7 @@ def analyze_published(
         "dataset": schema.name,
         "cooccurrence": cooccurrence_mode,
     }
-    key = analyze_key(str(published.preds_dir), cooccurrence_mode)
-    return _log(analysis, analyze_stage(params, key), context)
+    return _log(analysis, analyze_stage(params), context)
 
 
 def _cooccurrence_note(mode: str) -> str:
@@ -162,13 +159,9 @@ def _weight_histogram(model, arch: str):
     return figures.weight_histograms(weights, cuts, arch)
 
 
-def analyze_key(analyzed: str, cooccurrence_mode: str) -> str:
-    """Identifies an analysis: what it analyzed (a sweep run id, a predictions folder) and how."""
-    return digest((analyzed, cooccurrence_mode))
-
-
-def analyze_stage(params: dict, key: str) -> Stage:
-    return Stage("analyze", "analyze", key=key, params=params)
+def analyze_stage(params: dict) -> Stage:
+    """A new analyze run (short: no heartbeat); a study finds its own by parent."""
+    return Stage("analyze", "analyze", params=params, owned=False)
 
 
 def _log(analysis: Analysis, stage: Stage, context: dict) -> str:

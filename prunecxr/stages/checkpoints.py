@@ -39,7 +39,7 @@ def training_done(checkpoint: dict, config: TrainConfig) -> bool:
 def fetch_checkpoint(run_id: str) -> dict:
     """The run's latest checkpoint: the one kept on this machine if it is newer than the one
     uploaded to the run (uploads are rate-limited, see Checkpoints), or the only one readable."""
-    if tracking.run_stage(tracking.get_run(run_id)) != "train":
+    if tracking.stage_of(tracking.get_run(run_id)) != "train":
         raise PrunecxrError(f"run {run_id} is not a train run; --resume takes a train run id")
     local = Path(tracking.get_run(run_id).data.tags.get(LOCAL_CHECKPOINT_TAG, "/nonexistent"))
     kept = torch.load(local, map_location="cpu", weights_only=True) if local.is_file() else None

@@ -25,7 +25,6 @@ KEY_TAGS = {
     "train": "prunecxr.train_key",
     "sweep": "prunecxr.sweep_key",
     "prune": "prunecxr.cell",
-    "analyze": "prunecxr.analyze_key",
 }
 _DESCRIBED = {"train": "train run"}  # how errors and notes name a stage's run
 
@@ -66,13 +65,17 @@ def find_previous(
     *,
     reuse_finished: bool = False,
     can_continue: Callable[[str], bool] = lambda run_id: True,
+    under: str | None = None,
+    candidates: list[tuple[str, str]] | None = None,
 ) -> Previous | None:
-    """The newest run of `stage`'s key (directly under its parent when it has one) that is
-    finished, if `reuse_finished`, or unfinished and `can_continue`."""
-    if stage.key is None:
-        return None
-    runs = tracking.runs_with_tag(stage.name, stage.key_tag, stage.key, stage.parent_run_id)
-    for run_id, status in runs:
+    """The newest run of `stage`'s key (in the experiment, or directly under run `under`) that
+    is finished, if `reuse_finished`, or unfinished and `can_continue`. `candidates` ((run id,
+    status), newest first) replaces the look-up by key where a stage finds its runs otherwise."""
+    if candidates is None:
+        if stage.key is None:
+            return None
+        candidates = tracking.runs_with_tag(stage.name, stage.key_tag, stage.key, under)
+    for run_id, status in candidates:
         if status == "FINISHED":
             if reuse_finished:
                 return Previous(run_id, finished=True)
@@ -105,16 +108,19 @@ def open_stage(stage: Stage, continued_run_id: str | None = None) -> Iterator[st
             yield run_id
 
 
-def run_stage(stage: Stage, work: Callable[[str], None]) -> str:
-    """Steps 1 to 5 for a stage that continues its unfinished run of the same key: work(run id)
-    runs inside the (new or continued) run. -> the run id."""
+def run_stage(stage: Stage, work: Callable[[str, bool], None]) -> str:
+    """Steps 1 to 5 for a stage that continues its unfinished run of the same key: work(run id,
+    whether it was continued) runs inside the (new or continued) run. -> the run id."""
     previous = find_previous(stage)
     with open_stage(stage, previous.run_id if previous else None) as run_id:
-        work(run_id)
+        work(run_id, previous is not None)
     return run_id
 
 
 def finished_run(stage: Stage) -> str | None:
-    """The newest finished run of `stage`'s key (under its parent), if any: its work is done."""
-    previous = find_previous(stage, reuse_finished=True, can_continue=lambda run_id: False)
+    """The newest finished run of `stage`'s key under its parent, if any: its work is done."""
+    never = lambda run_id: False  # noqa: E731
+    previous = find_previous(
+        stage, reuse_finished=True, can_continue=never, under=stage.parent_run_id
+    )
     return previous.run_id if previous else None

@@ -125,31 +125,35 @@ def run_sweep(
         params=params,
         system_metrics=True,
     )
-    return run_stage(stage, lambda sweep_id: _sweep(cells, runs, sweep_id, executor))
+    return run_stage(
+        stage, lambda sweep_id, continued: _sweep(cells, runs, sweep_id, executor, continued)
+    )
 
 
-def _sweep(cells: list[Cell], runs: CellRuns, sweep_id: str, executor: Executor) -> None:
+def _sweep(
+    cells: list[Cell], runs: CellRuns, sweep_id: str, executor: Executor, continued: bool
+) -> None:
     done = tracking.finished_child_ids_by_tag(sweep_id, "prune", CELL_TAG)
     todo = [cell for cell in cells if cell.key not in done]
-    if done:
+    if continued:
         log.info("%d of %d cells were done", len(cells) - len(todo), len(cells))
     by_key = {cell.key: cell for cell in todo}
-    context = WorkerContext.here()
+    context, errors = WorkerContext.here(), {}
+    lost = Failure("lost: no finished run and no error came back", final=False)
 
     def attempt(keys: list[str]) -> dict[str, Failure]:
         """The cells of `keys` as executor jobs; -> those MLflow does not hold as finished
-        (their job failed, or its worker or node was lost)."""
-        failed: dict[str, Failure] = {}
+        (their job failed, or its worker or node was lost: then their last error, if any)."""
         batches = _cell_batches([by_key[key] for key in keys], executor)
-        jobs = [(context, batch, runs, sweep_id) for batch in batches]
+        # A job names its source apart from its cells: Ray stores each model once, not per job.
+        jobs = [(context, batch[0].source, _grid(batch), runs, sweep_id) for batch in batches]
         for index, outcome in executor.map(run_cell_batch, jobs):
             if isinstance(outcome, BaseException):  # the whole job failed or was lost
-                failed.update({cell.key: Failure.of(outcome) for cell in batches[index]})
+                errors.update({cell.key: Failure.of(outcome) for cell in batches[index]})
             else:
-                failed.update(outcome)
+                errors.update(outcome)
         finished = tracking.finished_child_ids_by_tag(sweep_id, "prune", CELL_TAG)
-        lost = Failure("lost: no finished run and no error came back", final=False)
-        return {key: failed.get(key, lost) for key in keys if key not in finished}
+        return {key: errors.get(key, lost) for key in keys if key not in finished}
 
     failed, retried = retry_failed(list(by_key), attempt, executor.max_retries, str)
     _log_failed_cells(failed, by_key, runs, sweep_id)
@@ -159,7 +163,7 @@ def _sweep(cells: list[Cell], runs: CellRuns, sweep_id: str, executor: Executor)
     if not failed:
         log.info("sweep %s: %s", sweep_id, line)
         return
-    key, failure = next(iter(failed.items()))
+    key, failure = min(failed.items(), key=lambda item: not item[1].final)  # the user's first
     raise PrunecxrError(
         f"sweep {sweep_id}: {line}; first: {key}: {failure.error}. Each failed cell is a FAILED "
         f"prune run with its error; run the same command again to retry them"
@@ -190,14 +194,23 @@ def _cell_batches(cells: list[Cell], executor: Executor) -> list[list[Cell]]:
     return [batch[i : i + size] for batch in by_source.values() for i in range(0, len(batch), size)]
 
 
+def _grid(cells: list[Cell]) -> list[tuple[str, float]]:
+    return [(cell.method, cell.sparsity) for cell in cells]
+
+
 def run_cell_batch(
-    context: WorkerContext, batch: list[Cell], runs: CellRuns, sweep_id: str
+    context: WorkerContext,
+    source: ModelSource,
+    grid: list[tuple[str, float]],
+    runs: CellRuns,
+    sweep_id: str,
 ) -> dict[str, Failure]:
-    """One job: cells of one source model, in this process or a worker's. Cells already
-    finished (by an earlier attempt) are skipped; runs an earlier attempt left RUNNING for
-    these cells (its worker died) are marked KILLED. -> the cells that failed."""
+    """One job: the cells of `source` at `grid`'s (method, sparsity), in this process or a
+    worker's. Cells already finished (by an earlier attempt) are skipped; runs an earlier
+    attempt left RUNNING for these cells (its worker died) are marked KILLED. -> the cells that
+    failed."""
     context.enter()
-    source = batch[0].source
+    batch = [Cell(source, method, sparsity) for method, sparsity in grid]
     check_readable(source.data.data_dir, source.data.label_dir)
     mine = {cell.key for cell in batch}
     tracking.end_unfinished_children(

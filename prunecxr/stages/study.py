@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from prunecxr import PrunecxrError
+from prunecxr import PrunecxrError, tracking
 from prunecxr.data import SPLITS, get_schema
 from prunecxr.data.synthetic import read_marker, write_synthetic
 from prunecxr.executor import Executor, WorkerContext, check_readable
 from prunecxr.sources import load_source
 from prunecxr.specs import WHERE, CellSettings, TrainConfig, digest, keyed_settings
-from prunecxr.stages.analyze import analyze_key, analyze_sweep
+from prunecxr.stages.analyze import analyze_sweep
 from prunecxr.stages.kernel import Stage, finished_run, run_stage
 from prunecxr.stages.prune import run_sweep, sweep_key
 from prunecxr.stages.train import train_or_continue
@@ -135,7 +135,7 @@ def run_study(
         "methods": ",".join(config.methods),
     }
     stage = Stage("study", f"study-{train.data.dataset}", key=study_key(config), params=params)
-    return run_stage(stage, lambda study_id: _study(study_id, config, executor, allow_pickle))
+    return run_stage(stage, lambda study_id, _: _study(study_id, config, executor, allow_pickle))
 
 
 def _study(study_id: str, config: StudyConfig, executor: Executor, allow_pickle: bool) -> None:
@@ -146,17 +146,21 @@ def _study(study_id: str, config: StudyConfig, executor: Executor, allow_pickle:
         [f"seed {seed}" for seed in config.seeds],
     )
     sweep_id = _sweep(study_id, config, train_ids, executor, allow_pickle)
-    analyzed = Stage("analyze", "analyze", analyze_key(sweep_id, "paper"), parent_run_id=study_id)
-    if finished_run(analyzed) is None:
+    if not tracking.finished_children(study_id, "analyze"):  # analysis runs once per study
         analyze_sweep(sweep_id, allow_pickle=allow_pickle)
 
 
 def seed_training_job(context: WorkerContext, study_id: str, train: TrainConfig) -> str:
     """A job: the study's train run of one seed, reused when finished, resumed from its last
-    checkpoint when not, trained when there is none."""
+    checkpoint when not, trained when there is none. A study finds its runs by seed (its
+    runs from before trainings were keyed have no key)."""
     context.enter()
     check_readable(train.data.data_dir, train.data.label_dir)
-    return train_or_continue(train, study_id)
+    runs = tracking.children(study_id, "train")
+    mine = [
+        (run_id, status) for run_id, status, params in runs if params.get("seed") == str(train.seed)
+    ]
+    return train_or_continue(train, study_id, candidates=mine)
 
 
 def _sweep(

@@ -62,12 +62,19 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None) -> str:
     return _train(config, checkpoint=None, run_id=None, parent_run_id=parent_run_id)
 
 
-def train_or_continue(config: TrainConfig, parent_run_id: str | None = None) -> str:
-    """The training of `config`'s key (under `parent_run_id`, if given): a finished one is
-    reused, an unfinished one with a checkpoint resumed (with this config's runtime), else a new
-    one is trained. -> its run id."""
+def train_or_continue(
+    config: TrainConfig,
+    parent_run_id: str | None = None,
+    candidates: list[tuple[str, str]] | None = None,
+) -> str:
+    """The training of `config`: of its earlier runs (by default those of its key in the
+    experiment; `candidates` where the caller finds them otherwise), a finished one is reused,
+    an unfinished one with a checkpoint resumed (with this config's runtime), else a new run is
+    trained (nested under `parent_run_id`). -> its run id."""
     stage = train_stage(config, parent_run_id)
-    previous = find_previous(stage, reuse_finished=True, can_continue=has_checkpoint)
+    previous = find_previous(
+        stage, reuse_finished=True, can_continue=has_checkpoint, candidates=candidates
+    )
     if previous is None:
         return run_training(config, parent_run_id)
     if previous.finished:

@@ -214,7 +214,7 @@ def run_finished(run_id: str) -> bool:
     return get_run(run_id).info.status == "FINISHED"
 
 
-def run_stage(run) -> str | None:
+def stage_of(run) -> str | None:
     return run.data.tags.get(STAGE_TAG)
 
 
