@@ -111,6 +111,7 @@ NON_DEFAULTS = {
     "precision": "bf16",
     "compile": "false",
     "resident_data": "true",
+    "cudnn_benchmark": "true",
     "arch": "resnet18",
     "image_size": "64",
     "batch_size": "32",
