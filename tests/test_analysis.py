@@ -172,21 +172,32 @@ def test_ap_change_is_correlated_at_095_and_pies_stay_at_09():
     figures.close(result.figures.values())
 
 
-def test_fcd_correlations_on_the_modes_split():
+def test_both_fcd_definitions_every_time_on_their_own_split():
+    """fcd.csv and correlations.csv carry both definitions, whatever the mode; the mode only
+    picks which the findings lead with."""
     from prunecxr.analysis.study_analysis import analyze_predictions
 
     preds = _toy_predictions(sparsities=(0.0, 0.5, 0.9, 0.95))
-    for mode, labels in (("paper", preds.train_labels), ("legacy", preds.labels)):
-        result = analyze_predictions(preds, cooccurrence_mode=mode)
-        fcd = result.tables["tables/fcd.csv"]
-        frequency, iou = cooccurrence.pair_statistics(labels, mode)
-        assert fcd.iou.tolist() == pytest.approx([iou[0, 1], iou[0, 2], iou[1, 2]])
-        rows = result.tables["tables/correlations.csv"].set_index("x")
-        for x in ("log_freq_diff", "iou"):
-            expected = spearmanr(fcd[x], fcd.fcd).statistic if np.ptp(fcd[x]) else np.nan
-            assert rows.loc[x, "y"] == "fcd"
-            assert rows.loc[x, "spearman_rho"] == pytest.approx(expected, nan_ok=True)
-        assert ("iou^0.25" in rows.index) == (mode == "legacy")
+    for lead in ("paper", "legacy"):
+        result = analyze_predictions(preds, cooccurrence_mode=lead)
+        all_fcd = result.tables["tables/fcd.csv"]
+        correlations = result.tables["tables/correlations.csv"]
+        assert list(all_fcd.definition.unique()) == sorted(
+            ["paper", "legacy"], key=lambda d: d != lead
+        )
+        for definition, labels in (("paper", preds.train_labels), ("legacy", preds.labels)):
+            fcd = all_fcd[all_fcd.definition == definition]
+            frequency, iou = cooccurrence.pair_statistics(labels, definition)
+            assert fcd.iou.tolist() == pytest.approx([iou[0, 1], iou[0, 2], iou[1, 2]])
+            rows = correlations[correlations.definition == definition].set_index("x")
+            for x in ("log_freq_diff", "iou"):
+                expected = spearmanr(fcd[x], fcd.fcd).statistic if np.ptp(fcd[x]) else np.nan
+                assert rows.loc[x, "y"] == "fcd"
+                assert rows.loc[x, "spearman_rho"] == pytest.approx(expected, nan_ok=True)
+            assert ("iou^0.25" in rows.index) == (definition == "legacy")
+        fcd_claims = [claim for claim, _, _ in result.findings if "FCD" in claim]
+        assert f"{lead} definition" in fcd_claims[0] and len(fcd_claims) == 4
+        assert {"figures/fcd_paper.png", "figures/fcd_legacy.png"} <= set(result.figures)
         figures.close(result.figures.values())
 
 

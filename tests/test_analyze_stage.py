@@ -27,11 +27,12 @@ pytestmark = pytest.mark.slow
 DESIGN_COLUMNS = {
     "tables/forgettability.csv": ["class", "sparsity", "rel_ap_change"],
     "tables/thresholds.csv": ["class", "train_freq", "k20"],
-    "tables/fcd.csv": ["class_a", "class_b", "fcd", "log_freq_diff", "iou"],
+    "tables/fcd.csv": ["definition", "class_a", "class_b", "fcd", "log_freq_diff", "iou"],
     "tables/pies.csv": ["row", "image", "corr"],
     "tables/correlations.csv": [
         "x",
         "y",
+        "definition",
         "n",
         "pearson_r",
         "pearson_p",
@@ -64,15 +65,23 @@ def test_analyze_logs_the_designs_tables(analyzed):
         assert list(_table(analyzed, path).columns) == columns, path
     k20 = _table(analyzed, "tables/thresholds.csv")
     assert len(k20) == 20 and (k20.train_freq > 0).all()
-    assert len(_table(analyzed, "tables/fcd.csv")) == 20 * 19 // 2
+    fcd = _table(analyzed, "tables/fcd.csv")
+    assert fcd.definition.value_counts().to_dict() == {"paper": 190, "legacy": 190}
     assert len(_table(analyzed, "tables/pies.csv")) == int(0.05 * 64)  # as the original
     correlations = _table(analyzed, "tables/correlations.csv")
-    assert list(zip(correlations.x, correlations.y)) == [
-        ("log_train_freq", "k20"),
-        ("log_train_freq", "rel_ap_change_0.9"),  # this sweep's highest sparsity (no 0.95)
-        ("log_freq_diff", "fcd"),
-        ("iou", "fcd"),
+    assert list(zip(correlations.x, correlations.y, correlations.definition.fillna(""))) == [
+        ("log_train_freq", "k20", ""),
+        ("log_train_freq", "rel_ap_change_0.9", ""),  # this sweep's highest sparsity (no 0.95)
+        ("log_freq_diff", "fcd", "paper"),  # the default definition leads
+        ("iou", "fcd", "paper"),
+        ("log_freq_diff", "fcd", "legacy"),
+        ("iou", "fcd", "legacy"),
+        ("iou^0.25", "fcd", "legacy"),
     ]
+    replication = _table(analyzed, "tables/replication.csv")
+    assert len(replication) == 17  # every number the paper prints for NIH-CXR-LT
+    assert replication.note.str.contains("synthetic data").all()
+    assert replication.note[replication.x == "rel_ap_change_0.95"].str.contains("0.9").all()
     curves = _table(analyzed, "tables/forgettability.csv")
     assert (
         set(curves.sparsity) == {0.0, 0.5, 0.9}
@@ -87,12 +96,18 @@ def test_report_is_self_contained_and_renders(analyzed, tmp_path):
     assert len(images) >= 9  # every figure inlined, no external files
     assert "src='http" not in text
     assert "appears" in text or "did not appear" in text
+    headings = re.findall(r"<h2>(.*?)</h2>", text)
+    assert headings[0].startswith("Did it replicate?")
+    assert "Our tests of the paper's PIE claims" in headings
+    assert "synthetic data (prunecxr synth)" in text
     figures = {a.path for a in mlflow.MlflowClient().list_artifacts(analyzed, "figures")}
     assert {
         "figures/mean_ap_vs_sparsity.png",
         "figures/forgettability_curves.png",
         "figures/pie_gallery.png",
         "figures/weight_magnitudes.png",
+        "figures/fcd_paper.png",
+        "figures/fcd_legacy.png",
     } <= figures
     png = tmp_path / "figure.png"
     png.write_bytes(base64.b64decode(images[0]))
@@ -154,3 +169,12 @@ def test_analyze_the_original_studys_published_random_pruning_files(
     assert {"rel_ap_change_0.95", "fcd"} <= set(correlations.y)
     assert "iou^0.25" in set(correlations.x)
     assert len(_table(run_id, "tables/pies.csv")) == int(0.05 * len(test.labels))
+    replication = _table(run_id, "tables/replication.csv")  # the published files' own table
+    assert set(replication.verdict) <= {
+        "consistent",
+        "same direction",
+        "differs",
+        "untested",
+        "not computed",
+    }
+    assert replication.note.str.contains("synthetic data").all()  # labels from `synth`

@@ -84,15 +84,19 @@ def test_quickstart_demo_then_the_headline_prune_command(tmp_path):
     }
     assert {run.info.status for run in demo_runs} == {"FINISHED"}
     # The paper's headline finding appears in the demo (docs/demo.md, "The demo's findings").
+    analyze_id = by_stage["analyze"][0].info.run_id
     correlations = pd.read_csv(
-        client.download_artifacts(
-            by_stage["analyze"][0].info.run_id, "tables/correlations.csv", str(tmp_path)
-        )
-    ).set_index(["x", "y"])
-    headline = [("log_train_freq", "k20"), ("log_train_freq", "rel_ap_change_0.95")]
-    for row in [*headline, ("log_freq_diff", "fcd")]:
+        client.download_artifacts(analyze_id, "tables/correlations.csv", str(tmp_path))
+    )
+    correlations = correlations.fillna({"definition": ""}).set_index(["x", "y", "definition"])
+    headline = [("log_train_freq", "k20", ""), ("log_train_freq", "rel_ap_change_0.95", "")]
+    for row in [*headline, ("log_freq_diff", "fcd", "paper")]:
         assert correlations.loc[row, "spearman_rho"] > 0, row
         assert correlations.loc[row, "spearman_p"] < 0.05, row
+    # The demo's report opens with the replication table, marked illustrative (synthetic data).
+    report = Path(client.download_artifacts(analyze_id, "report.html", str(tmp_path))).read_text()
+    assert report.index("Did it replicate?") < report.index("Findings of the paper")
+    assert "synthetic data (prunecxr synth)" in report
     newest_train = max(by_stage["train"], key=lambda run: run.info.start_time)
     (pruned,) = client.search_runs(["0"])  # MLflow's Default experiment: no --experiment-name
     assert pruned.info.status == "FINISHED"

@@ -9,9 +9,11 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from adjustText import adjust_text  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from prunecxr.analysis.cooccurrence import LEGACY_IOU_POWER
+from prunecxr.analysis.cooccurrence import LEGACY_IOU_POWER, SPLIT_OF_MODE  # noqa: E402
+from prunecxr.analysis.forgetting import correlate  # noqa: E402
 
 METHOD_COLORS = {"l1": "tab:blue", "random": "tab:orange", "structured": "tab:green"}
 
@@ -48,25 +50,85 @@ def forgettability_curves(curves: pd.DataFrame, k20: pd.DataFrame, method: str) 
     return fig
 
 
-def scatter_with_labels(x, y, labels, *, xlabel: str, ylabel: str, title: str) -> Figure:
-    fig, ax = plt.subplots(figsize=(7, 5), layout="constrained")
-    ax.scatter(x, y, color="tab:blue")
-    for xi, yi, label in zip(x, y, labels):
-        if np.isfinite(xi) and np.isfinite(yi):
-            ax.annotate(label, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    return fig
+def correlation_scatter(
+    x: np.ndarray,
+    y: np.ndarray,
+    labels,
+    *,
+    axes_labels: tuple[str, str],
+    title: str,
+    highlight=(),
+    label_all: bool = True,
+    ax=None,
+) -> Figure:
+    """As the paper draws its correlations: points, the least-squares line, Pearson r and
+    Spearman ρ on the plot; `highlight` (the paper's call-outs) ringed in red and always
+    labelled; labels moved apart so that none overlaps another (adjustText)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 5), layout="constrained")
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    ax.scatter(x[keep], y[keep], s=14 if label_all else 8, color="tab:blue", alpha=0.8)
+    stats = correlate(x, y, "", "")
+    if stats["n"] >= 3 and np.isfinite(stats["pearson_r"]):
+        slope, intercept = np.polyfit(x[keep], y[keep], 1)
+        line = np.array([x[keep].min(), x[keep].max()])
+        ax.plot(line, slope * line + intercept, color="black", linewidth=1)
+    ax.text(
+        0.02,
+        0.97,
+        f"r = {stats['pearson_r']:.2f}\nρ = {stats['spearman_rho']:.2f}\nn = {stats['n']}",
+        transform=ax.transAxes,
+        va="top",
+        fontsize=9,
+        bbox={"facecolor": "white", "edgecolor": "#ccc", "alpha": 0.9},
+    )
+    texts = []
+    for xi, yi, label, ok in zip(x, y, labels, keep):
+        called_out = label in highlight
+        if ok and called_out:
+            ax.scatter([xi], [yi], s=80, facecolors="none", edgecolors="tab:red", linewidths=1.5)
+        if ok and (label_all or called_out):
+            weight = "bold" if called_out else "normal"
+            texts.append(ax.text(xi, yi, label, fontsize=7, fontweight=weight))
+    ax.set(xlabel=axes_labels[0], ylabel=axes_labels[1], title=title)
+    if texts:
+        ax.figure.canvas.draw()  # settle the layout first: adjustText works in display units
+        adjust_text(
+            texts,
+            ax=ax,
+            expand=(1.2, 1.5),  # room around each label, so that none merely touches another
+            arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5},
+        )
+    return ax.figure
 
 
-def fcd_scatter(fcd: pd.DataFrame, mode: str, split: str) -> Figure:
-    """FCD against |Δ log frequency| and IoU; legacy plots IoU^¼ as the original figure."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
-    axes[0].scatter(fcd.log_freq_diff, fcd.fcd, s=10)
-    axes[0].set(xlabel=f"|Δ log {split} frequency|", ylabel="FCD", title="FCD vs frequency gap")
-    power = LEGACY_IOU_POWER if mode == "legacy" else 1.0
-    axes[1].scatter(fcd.iou**power, fcd.fcd, s=10, color="tab:red")
-    iou_label = f"(IoU on the {split} split)" + ("$^{1/4}$" if power != 1 else "")
-    axes[1].set(xlabel=iou_label, ylabel="FCD", title="FCD vs label overlap")
+def fcd_figure(fcd: pd.DataFrame, definition: str, highlight_pairs=()) -> Figure:
+    """FCD of one definition against |Δ log frequency| and against IoU (IoU^¼ for legacy, as
+    the original figure); the paper's highlighted pairs ringed and labelled."""
+    split = SPLIT_OF_MODE[definition]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
+    pairs = [f"{a}|{b}" for a, b in zip(fcd.class_a, fcd.class_b)]
+    either_order = {f"{b}|{a}" for a, _, b in (p.partition("|") for p in highlight_pairs)}
+    highlight_pairs = set(highlight_pairs) | either_order
+    power = LEGACY_IOU_POWER if definition == "legacy" else 1.0
+    iou_label = f"IoU on the {split} split" + ("$^{1/4}$" if power != 1 else "")
+    panels = (
+        (fcd.log_freq_diff, f"|Δ log {split} frequency|", "FCD vs frequency gap"),
+        (fcd.iou**power, iou_label, "FCD vs label overlap"),
+    )
+    for ax, (x, xlabel, title) in zip(axes, panels):
+        correlation_scatter(
+            x.to_numpy(float),
+            fcd.fcd.to_numpy(float),
+            pairs,
+            axes_labels=(xlabel, "FCD"),
+            title=title,
+            highlight=highlight_pairs,
+            label_all=False,
+            ax=ax,
+        )
+    fig.suptitle(f"Forgettability curve distance ({definition} definition)")
     return fig
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -9,7 +10,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from prunecxr.analysis import cooccurrence, figures, forgetting, pies
+from prunecxr.analysis import cooccurrence, figures, forgetting, pies, replication
 from prunecxr.analysis.forgetting import AP_CHANGE_SPARSITY
 from prunecxr.analysis.predictions import SweepPredictions
 
@@ -20,9 +21,9 @@ GALLERY_SIZE = 12
 class Analysis:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # artifact path -> table
     figures: dict[str, Figure] = field(default_factory=dict)  # artifact path -> figure
-    findings: list[tuple[str, bool | None, str]] = field(
-        default_factory=list
-    )  # claim, seen?, numbers
+    # claim, seen?, numbers: the paper's findings, and our own tests of its PIE claims
+    findings: list[tuple[str, bool | None, str]] = field(default_factory=list)
+    pie_tests: list[tuple[str, bool | None, str]] = field(default_factory=list)
     numbers: dict[str, float] = field(default_factory=dict)  # logged as metrics
 
 
@@ -31,8 +32,11 @@ def analyze_predictions(
     *,
     cooccurrence_mode: str = "paper",
     load_image: Callable[[int], np.ndarray] | None = None,
+    synthetic: bool = False,
 ) -> Analysis:
-    """`load_image(row)` -> (S, S) test image, for the PIE gallery (skipped when None)."""
+    """`load_image(row)` -> (S, S) test image, for the PIE gallery (skipped when None);
+    `cooccurrence_mode`: the FCD definition the findings lead with (both are computed);
+    `synthetic`: the data was written by `prunecxr synth` (the replication table says so)."""
     result = Analysis()
     table = forgetting.metrics_table(preds)
     result.tables["tables/per_class_metrics.csv"] = table
@@ -42,6 +46,9 @@ def analyze_predictions(
         curves_by_method
     )
     method = "l1" if "l1" in preds.methods else preds.methods[0]  # the paper's method
+    replicated = replication.replication_table(table, preds, method, synthetic=synthetic)
+    if replicated is not None:
+        result.tables["tables/replication.csv"] = replicated
     _forgetting(result, preds, table, method, cooccurrence_mode)
     _pies(result, preds, method, load_image)
     return result
@@ -65,17 +72,17 @@ CLAIMS = {
 }
 
 
-def _forgetting(result: Analysis, preds, table, method: str, mode: str) -> None:
+def _forgetting(result: Analysis, preds, table, method: str, lead: str) -> None:
     classes = preds.schema.classes
     curves = forgetting.forgettability(table, method)
     k20 = forgetting.thresholds(curves, classes, preds.train_counts)
     k_change = forgetting.swept_or_highest(preds.sparsities(method), AP_CHANGE_SPARSITY)
-    split = cooccurrence.SPLIT_OF_MODE[mode]
-    fcd = cooccurrence.fcd_table(curves, classes, _labels_of(preds, split), mode)
+    definitions = sorted(cooccurrence.COOCCURRENCE_MODES, key=lambda d: d != lead)
+    fcd = {d: _fcd_of(curves, preds, d) for d in definitions}
     correlations = pd.concat(
         [
-            forgetting.frequency_correlations(curves, k20, k_change),
-            cooccurrence.fcd_correlations(fcd, mode),
+            forgetting.frequency_correlations(curves, k20, k_change).assign(definition=""),
+            *(cooccurrence.fcd_correlations(fcd[d], d).assign(definition=d) for d in definitions),
         ],
         ignore_index=True,
     )
@@ -83,36 +90,47 @@ def _forgetting(result: Analysis, preds, table, method: str, mode: str) -> None:
         {
             "tables/forgettability.csv": curves,
             "tables/thresholds.csv": k20,
-            "tables/correlations.csv": correlations,
-            "tables/fcd.csv": fcd,
+            "tables/correlations.csv": _definition_after_y(correlations),
+            "tables/fcd.csv": pd.concat([fcd[d].assign(definition=d) for d in definitions])[
+                ["definition", *fcd[lead].columns]
+            ],
         }
     )
+    callouts = replication.callouts(preds.schema.name)
     log_freq = np.log(k20.train_freq.clip(lower=1).to_numpy(float))
     at_k = curves[curves.sparsity == k_change].set_index("class").rel_ap_change.reindex(classes)
-    result.figures.update(
-        {
-            "figures/forgettability_curves.png": figures.forgettability_curves(curves, k20, method),
-            "figures/k20_vs_frequency.png": figures.scatter_with_labels(
-                log_freq,
-                k20.k20,
-                classes,
-                xlabel="log training frequency",
-                ylabel="k20 (sparsity where AP has dropped 20 %)",
-                title=f"Forgetting threshold ({method})",
-            ),
-            "figures/ap_change_vs_frequency.png": figures.scatter_with_labels(
-                log_freq,
-                100 * at_k.to_numpy(),
-                classes,
-                xlabel="log training frequency",
-                ylabel=f"relative AP change at sparsity {k_change:g} (%)",
-                title=f"Damage by class ({method})",
-            ),
-            "figures/fcd.png": figures.fcd_scatter(fcd, mode, split),
-        }
+    scatter = functools.partial(
+        figures.correlation_scatter, labels=classes, highlight=callouts.classes
     )
+    result.figures["figures/forgettability_curves.png"] = figures.forgettability_curves(
+        curves, k20, method
+    )
+    result.figures["figures/k20_vs_frequency.png"] = scatter(
+        log_freq,
+        k20.k20.to_numpy(float),
+        axes_labels=("log training frequency", "k20 (sparsity where AP has dropped 20 %)"),
+        title=f"Forgetting threshold ({method})",
+    )
+    result.figures["figures/ap_change_vs_frequency.png"] = scatter(
+        log_freq,
+        100 * at_k.to_numpy(),
+        axes_labels=("log training frequency", f"relative AP change at sparsity {k_change:g} (%)"),
+        title=f"Damage by class ({method})",
+    )
+    for d in definitions:
+        result.figures[f"figures/fcd_{d}.png"] = figures.fcd_figure(fcd[d], d, callouts.pairs)
     _correlation_findings(result, correlations, k_change)
     result.numbers["classes_forgotten_by_k_change"] = float((k20.k20 <= k_change).sum())
+
+
+def _fcd_of(curves: pd.DataFrame, preds, definition: str) -> pd.DataFrame:
+    labels = _labels_of(preds, cooccurrence.SPLIT_OF_MODE[definition])
+    return cooccurrence.fcd_table(curves, preds.schema.classes, labels, definition)
+
+
+def _definition_after_y(correlations: pd.DataFrame) -> pd.DataFrame:
+    columns = [c for c in correlations.columns if c != "definition"]
+    return correlations[[*columns[:2], "definition", *columns[2:]]]
 
 
 def _labels_of(preds, split: str) -> np.ndarray:
@@ -128,15 +146,17 @@ def _correlation_findings(result: Analysis, correlations: pd.DataFrame, k: float
         seen = None
         if row.n >= 3 and np.isfinite(row.spearman_rho):
             seen = bool(sign * row.spearman_rho > 0 and row.spearman_p < 0.05)
+        definition = f" [FCD, {row.definition} definition]" if row.definition else ""
         result.findings.append(
             (
-                claim.format(k=k),
+                claim.format(k=k) + definition,
                 seen,
                 f"Spearman ρ = {row.spearman_rho:.2f} (p = {row.spearman_p:.3g}), "
                 f"Pearson r = {row.pearson_r:.2f} (p = {row.pearson_p:.3g}), n = {row.n}",
             )
         )
-        result.numbers[f"spearman_{row.y}_vs_{row.x}"] = row.spearman_rho
+        suffix = f"_{row.definition}" if row.definition else ""
+        result.numbers[f"spearman_{row.y}_vs_{row.x}{suffix}"] = row.spearman_rho
 
 
 def _pies(result: Analysis, preds, method: str, load_image) -> None:
@@ -164,7 +184,7 @@ def _pies(result: Analysis, preds, method: str, load_image) -> None:
     rho = forgetting.correlate(
         np.log(preds.train_counts.clip(min=1)), ratios.ratio.to_numpy(float), "", ""
     )
-    result.findings.append(
+    result.pie_tests.append(
         (
             "PIEs are enriched for rare classes (PIE ratio falls with log frequency)",
             bool(rho["spearman_rho"] < 0 and rho["spearman_p"] < 0.05) if rho["n"] >= 3 else None,
@@ -173,7 +193,7 @@ def _pies(result: Analysis, preds, method: str, load_image) -> None:
     )
     multi = counts[counts.n_findings.isin(["2", "3", "4+"])]
     pie_multi, other_multi = multi.pie_share.sum(), multi.other_share.sum()
-    result.findings.append(
+    result.pie_tests.append(
         (
             "PIEs more often show several findings (2 or more)",
             bool(pie_multi > other_multi),

@@ -23,6 +23,7 @@ from prunecxr.cells import test_split
 from prunecxr.data import get_schema
 from prunecxr.data.cache import decode_image
 from prunecxr.data.labels import read_labels
+from prunecxr.data.synthetic import read_marker
 from prunecxr.pruning import prunable_weights
 from prunecxr.sources import source_of_cell
 from prunecxr.stages.kernel import Stage, open_stage
@@ -67,7 +68,10 @@ def analyze_sweep(
     _check_complete(preds)
     test_images = test_split(source.data).images
     analysis = analyze_predictions(
-        preds, cooccurrence_mode=cooccurrence_mode, load_image=lambda row: test_images[row]
+        preds,
+        cooccurrence_mode=cooccurrence_mode,
+        load_image=lambda row: test_images[row],
+        synthetic=read_marker(Path(source.data.data_dir)) is not None,
     )
     analysis.figures["figures/weight_magnitudes.png"] = _weight_histogram(source.model, source.arch)
     context = {
@@ -118,8 +122,12 @@ def analyze_published(
     if published.data_dir is not None:
         images = Path(published.data_dir)
         load_image = lambda row: decode_image(images / test.image_ids[row], 256)  # noqa: E731
+    folders = [published.label_dir, published.data_dir]
     analysis = analyze_predictions(
-        preds, cooccurrence_mode=cooccurrence_mode, load_image=load_image
+        preds,
+        cooccurrence_mode=cooccurrence_mode,
+        load_image=load_image,
+        synthetic=any(read_marker(Path(d)) for d in folders if d is not None),
     )
     context = {
         "predictions": f"{published.preds_dir} ({published.method})",
@@ -140,7 +148,10 @@ def analyze_published(
 def _cooccurrence_note(mode: str) -> str:
     split = SPLIT_OF_MODE[mode]
     how = "|A ∩ B| / |A ∪ B|" if mode == "paper" else "co-occurrence column sums (original code)"
-    return f"{mode}: frequency and IoU from the {split} split's labels, IoU = {how}"
+    return (
+        f"findings lead with {mode}: frequency and IoU from the {split} split's labels, "
+        f"IoU = {how} (both definitions are in tables/fcd.csv)"
+    )
 
 
 def _check_complete(preds: SweepPredictions) -> None:
