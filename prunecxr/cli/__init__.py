@@ -11,6 +11,7 @@ import click
 from prunecxr import PrunecxrError, tracking
 from prunecxr.cli.housekeeping import cache, upload
 from prunecxr.cli.pruning import analyze, prune, sweep
+from prunecxr.cli.reader_study import reader_study
 from prunecxr.cli.training import study, synth, train
 
 
@@ -20,7 +21,7 @@ def cli() -> None:
     """Train, prune and analyze long-tailed multi-label chest X-ray classifiers, tracked in MLflow."""
 
 
-for _command in (synth, train, study, prune, sweep, analyze, upload, cache):
+for _command in (synth, train, study, prune, sweep, analyze, reader_study, upload, cache):
     cli.add_command(_command)
 
 

@@ -138,6 +138,8 @@ def analyze_published(
     }
     params = {
         "preds_dir": str(published.preds_dir),
+        "label_dir": str(published.label_dir),
+        "data_dir": "" if published.data_dir is None else str(published.data_dir),
         "method": published.method,
         "dataset": schema.name,
         "cooccurrence": cooccurrence_mode,

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 STAGE_TAG = "prunecxr.stage"
 
 
-STAGES = ("study", "train", "sweep", "prune", "analyze")
+STAGES = ("study", "train", "sweep", "prune", "analyze", "reader_study")
 
 
 SERVER_CHECK_SECONDS = 10  # a tracking server that does not answer /health within this is down
