@@ -22,7 +22,7 @@ from prunecxr.device_data import DeviceImages
 from prunecxr.evaluate import device_logits, per_class_metrics, sigmoid
 from prunecxr.models import create_model
 from prunecxr.runtime import Runtime, portable_state_dict
-from prunecxr.specs import DataSpec, Finetune, TrainConfig
+from prunecxr.specs import DataSpec, Finetune, OptimSpec, TrainConfig
 
 LOSS_SHOWN_EVERY = 25  # training steps between progress-bar loss updates
 
@@ -100,56 +100,107 @@ def restore_state(checkpoint: dict, config: TrainConfig, num_classes: int, runti
 
 
 def train_one_epoch(
-    state: TrainState, data: DeviceImages, batch_size: int, runtime, forward=None
+    state: TrainState,
+    data: DeviceImages,
+    batch_size: int,
+    runtime,
+    forward=None,
+    protocol: str = "default",
 ) -> float:
     """One pass over `data` in a random order; returns the mean training loss. The epoch's
     order and augmentation are drawn on the CPU (repeatable on any device) and copied to the
     device once; losses add up on the device, so a step never waits for the host. `forward`:
-    the module to call (the model, or the model compiled)."""
-    state.model.train()
+    the module to call (the model, or the model compiled). The original `protocol` rotates
+    nearest-neighbour and trains epochs after the first in eval mode (BatchNorm statistics
+    frozen: the original code never called train() after its first validation)."""
+    original = protocol == "original"
+    state.model.train(not (original and state.epoch > 0))
     forward = state.model if forward is None else forward
-    order = torch.randperm(len(data), generator=state.generator).numpy()
-    batches = [np.sort(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
-    positions = torch.from_numpy(np.concatenate(batches)).to(runtime.device)
-    augmentation = draw_augmentation(len(data), state.generator).to(runtime.device)
+    batches, positions, augmentation = _epoch_plan(state.generator, len(data), batch_size, runtime)
+    interpolation = "nearest" if original else "bilinear"
     # Under torchrun each rank takes every world-th image of each global batch; its loss is
     # scaled so that DDP's gradient average is the gradient of the global batch's mean loss.
     rank, world = distributed.rank(), distributed.world_size()
     total, seen = torch.zeros((), device=runtime.device), 0
     bar = tqdm(batches, desc=f"epoch {state.epoch + 1}", leave=False, disable=rank > 0)
-    for step, index in enumerate(bar):
-        span = slice(step * batch_size, step * batch_size + len(index))
-        if len(index) < max(2, world):  # BatchNorm cannot train on a single image
-            continue
-        mine = slice(rank, None, world)
-        images, targets = data.batch(positions[span][mine], index[mine])
-        batch = normalize(augment(images.unsqueeze(1), augmentation[span][mine]))
-        with runtime.autocast():
-            logits = forward(runtime.place_batch(batch)).float()
-        summed = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum")
-        loss = summed * (world / targets.shape[1] / len(index))
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        state.optimizer.step()
-        total += loss.detach() * len(index) / world
-        seen += len(index)
-        if step % LOSS_SHOWN_EVERY == 0:  # reading the loss waits for the device
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+    with runtime.fp32_math():  # forward and backward alike
+        for step, index in enumerate(bar):
+            span = slice(step * batch_size, step * batch_size + len(index))
+            if len(index) < max(2, world):  # BatchNorm cannot train on a single image
+                continue
+            mine = slice(rank, None, world)
+            images, targets = data.batch(positions[span][mine], index[mine])
+            batch = normalize(augment(images.unsqueeze(1), augmentation[span][mine], interpolation))
+            scale = world / targets.shape[1] / len(index)
+            loss = _train_step(state, forward, runtime, batch, targets, scale)
+            total += loss.detach() * len(index) / world
+            seen += len(index)
+            if step % LOSS_SHOWN_EVERY == 0:  # reading the loss waits for the device
+                bar.set_postfix(loss=f"{loss.item():.4f}")
     return distributed.all_sum(total).item() / max(seen, 1)
 
 
-def evaluate_split(model, data: DeviceImages, classes, runtime, batch_size: int, forward=None):
-    """-> (mean BCE loss, per-class metrics frame, probs (N, C))."""
+def _epoch_plan(generator: torch.Generator, size: int, batch_size: int, runtime):
+    """An epoch's batches (sorted index arrays), their positions and the images' augmentation
+    on the device, drawn on the CPU."""
+    order = torch.randperm(size, generator=generator).numpy()
+    batches = [np.sort(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+    positions = torch.from_numpy(np.concatenate(batches)).to(runtime.device)
+    augmentation = draw_augmentation(size, generator).to(runtime.device)
+    return batches, positions, augmentation
+
+
+def _train_step(state: TrainState, forward, runtime, batch, targets, scale: float) -> torch.Tensor:
+    """One optimizer step on the summed BCE times `scale`; -> that loss."""
+    with runtime.autocast():
+        logits = forward(runtime.place_batch(batch)).float()
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") * scale
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    return loss
+
+
+def evaluate_split(
+    model,
+    data: DeviceImages,
+    classes,
+    runtime,
+    batch_size: int,
+    forward=None,
+    *,
+    loss_per_batch: bool = False,
+):
+    """-> (mean BCE loss, per-class metrics frame, probs (N, C)). `loss_per_batch`: the loss
+    is the mean of the batches' mean losses, as the original code's validation loss."""
     logits, _ = device_logits(model, data, runtime=runtime, batch_size=batch_size, forward=forward)
     labels = np.asarray(data.labels.cpu())
-    loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(labels)).item()
+    loss = mean_loss(logits, torch.from_numpy(labels), batch_size if loss_per_batch else None)
     probs = sigmoid(logits.numpy())
     return loss, per_class_metrics(probs, labels, classes), probs
 
 
+def mean_loss(logits: torch.Tensor, labels: torch.Tensor, batch_size: int | None = None) -> float:
+    """Mean BCE over every image and class; with `batch_size`, the mean over consecutive
+    batches of their mean BCE (a smaller last batch then weighs as much as a full one)."""
+    if batch_size is None:
+        return F.binary_cross_entropy_with_logits(logits, labels).item()
+    batches = zip(logits.split(batch_size), labels.split(batch_size))
+    return float(np.mean([F.binary_cross_entropy_with_logits(x, y).item() for x, y in batches]))
+
+
+def keeps_training(epoch: int, epochs_since_best: int, optim: OptimSpec) -> bool:
+    """Whether another epoch runs: fewer than max_epochs done, and fewer stale epochs (no lower
+    val_loss) than `patience`; under the original protocol, not more than `patience`, as the
+    original code (it trains a 16th stale epoch at patience 15)."""
+    stale_limit = optim.patience + (optim.protocol == "original")
+    return epoch < optim.max_epochs and epochs_since_best < stale_limit
+
+
 def fit(state: TrainState, config: TrainConfig, splits: dict, runtime, on_epoch_end) -> None:
-    """Epochs until max_epochs or `patience` epochs without a lower val_loss; the best weights
-    are kept in `state.best_weights`. on_epoch_end(state) runs after every epoch (checkpoint)."""
+    """Epochs while keeps_training (max_epochs, `patience` epochs without a lower val_loss);
+    the best weights are kept in `state.best_weights`. on_epoch_end(state) runs after every
+    epoch (checkpoint)."""
     train, val = DeviceImages.of(splits["train"], runtime), DeviceImages.of(splits["val"], runtime)
     with distributed.data_parallel(state.model) as trained:
         forward = runtime.compiled(state.model)
@@ -160,14 +211,16 @@ def fit(state: TrainState, config: TrainConfig, splits: dict, runtime, on_epoch_
 def _fit_epochs(state, config, data, runtime, forwards, on_epoch_end) -> None:
     classes = get_schema(config.data.dataset).classes
     (train, val), (train_forward, forward) = data, forwards
-    optim = config.optim
-    while state.epoch < optim.max_epochs and state.epochs_since_best < optim.patience:
+    optim, original = config.optim, config.optim.protocol == "original"
+    while keeps_training(state.epoch, state.epochs_since_best, optim):
         started = time.perf_counter()
-        train_loss = train_one_epoch(state, train, optim.batch_size, runtime, train_forward)
+        train_loss = train_one_epoch(
+            state, train, optim.batch_size, runtime, train_forward, optim.protocol
+        )
         train_seconds = time.perf_counter() - started
         # Every rank evaluates the whole validation split; rank 0's loss decides for all.
         val_loss, val_metrics, _ = evaluate_split(
-            state.model, val, classes, runtime, optim.batch_size, forward
+            state.model, val, classes, runtime, optim.batch_size, forward, loss_per_batch=original
         )
         val_loss = distributed.main_rank_value(val_loss)
         state.epoch += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 from collections.abc import Callable, Iterator
 
 import torch
@@ -61,16 +62,30 @@ def prune_l1(model: nn.Module, sparsity: float, **_) -> nn.Module:
 
 
 def prune_random(model: nn.Module, sparsity: float, *, seed: int = 0, **_) -> nn.Module:
-    """Global random unstructured: zero a random `sparsity` fraction of prunable weights."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _prune_global(model, prune.RandomUnstructured, sparsity)
+    """Global random unstructured: zero a random `sparsity` fraction of prunable weights. Each
+    (seed, sparsity) draws its own mask, as the original's single random stream did (masks of
+    two sparsities are not nested), from a CPU generator: the same mask on any device."""
+    generator = torch.Generator().manual_seed(random_mask_seed(seed, sparsity))
+    scores = {}
+    for module, name in prunable_weights(model):
+        weight = getattr(module, name)
+        scores[(module, name)] = torch.rand(weight.shape, generator=generator).to(weight.device)
+    # Pruning the lowest scores (L1 order of the scores, not of the weights) is random pruning.
+    return _prune_global(model, prune.L1Unstructured, sparsity, scores)
 
 
-def _prune_global(model: nn.Module, method, sparsity: float) -> nn.Module:
+def random_mask_seed(seed: int, sparsity: float) -> int:
+    """The random mask generator's seed: a 63-bit hash of the model seed and the sparsity."""
+    text = f"{int(seed)}:{float(sparsity)!r}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
+
+
+def _prune_global(model: nn.Module, method, sparsity: float, scores=None) -> nn.Module:
     parameters = prunable_weights(model)
     if sparsity > 0:
-        prune.global_unstructured(parameters, pruning_method=method, amount=float(sparsity))
+        prune.global_unstructured(
+            parameters, pruning_method=method, importance_scores=scores, amount=float(sparsity)
+        )
         for module, name in parameters:
             prune.remove(module, name)  # masks become permanent zeros
     return model

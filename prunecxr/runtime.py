@@ -4,10 +4,11 @@ On CUDA the training defaults are channels_last, bf16 autocast and torch.compile
 on Ampere/Hopper); on the CPU, none of them. Evaluation whose predictions feed the analysis (test
 metrics, sweep cells) defaults to fp32: bf16 logits tie and reorder images within a class's
 ranking enough to move APs by 0.05 and change PIEs (docs/PRECISION.md). fp32 is strict fp32:
-TF32 tensor-core math is switched off while it runs. Every switch can be chosen on either
-device with the same code, so CI runs the GPU's code path on a CPU. Models are stored (logged,
-checkpointed, pruned) in the standard contiguous layout, whatever layout they ran in, so they
-load and prune anywhere."""
+TF32 tensor-core math is switched off while it runs; tf32 is fp32 with TF32 cuDNN
+convolutions and IEEE matmuls, PyTorch 1.13's defaults (the original protocol). Every switch
+can be chosen on either device with the same code, so CI runs the GPU's code path on a CPU.
+Models are stored (logged, checkpointed, pruned) in the standard contiguous layout, whatever
+layout they ran in, so they load and prune anywhere."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class Runtime:
 
     device: torch.device
     channels_last: bool
-    precision: str  # "bf16" (autocast) or "fp32"
+    precision: str  # "bf16" (autocast), "tf32" (TF32 convolutions) or "fp32" (strict)
     compile: bool = False  # torch.compile the forward pass
     resident_data: bool = False  # a split's uint8 images held on the device as one tensor
     cudnn_benchmark: bool = False  # cuDNN times its kernels once per input shape
@@ -65,9 +66,17 @@ class Runtime:
             torch.cuda.synchronize(self.device)
 
     def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward pass's precision: bf16 autocast, else fp32_math()."""
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return _strict_fp32()
+        return self.fp32_math()
+
+    def fp32_math(self) -> contextlib.AbstractContextManager:
+        """While inside, fp32 convolutions use TF32 under "tf32" and no matmul or convolution
+        does under "fp32" (training wraps forward and backward in it); bf16: unchanged."""
+        if self.precision == "bf16":
+            return contextlib.nullcontext()
+        return _tf32_switches(convolutions=self.precision == "tf32")
 
     def describe(self) -> dict[str, str]:
         """What ran, for the run's params: every switch as resolved (device: its type)."""
@@ -90,16 +99,21 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def runtime_of(spec: RuntimeSpec, *, for_analysis: bool = False) -> Runtime:
+def runtime_of(
+    spec: RuntimeSpec, *, for_analysis: bool = False, protocol: str = "default"
+) -> Runtime:
     """Resolve "auto" (and None) per device: on CUDA channels_last + bf16 + compile + the data
     on the device; on the CPU none of them. `for_analysis`: predictions the analysis
-    uses, where "auto" precision is fp32 on every device."""
+    uses, where "auto" precision is fp32 on every device. A training of the original
+    `protocol` resolves "auto" precision to tf32 (what PyTorch 1.13 did; no effect on a CPU)."""
     if spec.precision not in PRECISIONS:
         raise PrunecxrError(f"unknown precision {spec.precision!r}; valid: {', '.join(PRECISIONS)}")
     device = resolve_device(spec.device)
     on_cuda = device.type == "cuda"
     precision = spec.precision
-    if precision == "auto":
+    if precision == "auto" and protocol == "original" and not for_analysis:
+        precision = "tf32"
+    elif precision == "auto":
         precision = "bf16" if on_cuda and not for_analysis else "fp32"
     # Fixed input shapes: cuDNN can pick the fastest kernels once (not bit-for-bit repeatable).
     benchmark = on_cuda if spec.cudnn_benchmark is None else spec.cudnn_benchmark
@@ -119,15 +133,34 @@ def resolve_runtime(device: str = "auto", *, for_analysis: bool = False, **switc
     return runtime_of(RuntimeSpec(device, **switches), for_analysis=for_analysis)
 
 
+# torch 2.9 replaced the allow_tf32 flags by fp32_precision; the two must not be mixed.
+_PRECISION_API = hasattr(torch.backends.cudnn, "conv")
+
+
 @contextlib.contextmanager
-def _strict_fp32() -> Iterator[None]:
-    """No TF32 (10-bit mantissa) in CUDA convolutions and matmuls while inside."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+def _tf32_switches(*, convolutions: bool) -> Iterator[None]:
+    """While inside: TF32 (10-bit mantissa) in cuDNN convolutions if `convolutions`, never in
+    matmuls; the switches are restored on leaving."""
+    if _PRECISION_API:
+        switches = [
+            (torch.backends.cudnn.conv, "fp32_precision"),
+            (torch.backends.cuda.matmul, "fp32_precision"),
+        ]
+        wanted = ["tf32" if convolutions else "ieee", "ieee"]
+    else:
+        switches = [
+            (torch.backends.cudnn, "allow_tf32"),
+            (torch.backends.cuda.matmul, "allow_tf32"),
+        ]
+        wanted = [convolutions, False]
+    saved = [getattr(owner, name) for owner, name in switches]
+    for (owner, name), value in zip(switches, wanted):
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        for (owner, name), value in zip(switches, saved):
+            setattr(owner, name, value)
 
 
 def standard_layout(model: nn.Module) -> nn.Module:

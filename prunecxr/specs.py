@@ -27,7 +27,8 @@ WHAT, RESUMABLE, WHERE = "what", "resumable", "where"
 ABSOLUTE, AS_TYPED = "absolute", "as typed"
 ARCH_NAMES = ("resnet18", "resnet34", "resnet50")  # prunecxr.models.ARCHS builds them
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32", "tf32")
+PROTOCOLS = ("default", "original")  # docs/training.md, "The original protocol"
 EXECUTORS = ("local", "ray")
 _SAME = object()  # the CLI's default is the field's
 
@@ -128,6 +129,14 @@ class OptimSpec:
     )
     max_epochs: int = setting(60, minimum=1, role=RESUMABLE)
     patience: int = setting(15, "Early stopping on validation loss.", minimum=1, role=RESUMABLE)
+    protocol: str = setting(
+        "default",
+        "original: train as the code behind the paper's checkpoints did (fp32 with TF32 "
+        "convolutions, BatchNorm frozen after epoch 1, one more stale epoch, nearest-neighbour "
+        "rotation, validation loss averaged over batches).",
+        choices=PROTOCOLS,
+        keyed_unless_default=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -140,7 +149,10 @@ class RuntimeSpec:
         None, "channels_last memory layout [default: on for CUDA, off for the CPU]."
     )
     precision: str = where(
-        "auto", "Autocast precision; auto = bf16 on CUDA, fp32 on the CPU.", choices=PRECISIONS
+        "auto",
+        "bf16: autocast; fp32: strict; tf32: fp32 with TF32 convolutions (PyTorch 1.13's "
+        "default). auto = bf16 on CUDA, fp32 on the CPU; tf32 when training --protocol original.",
+        choices=PRECISIONS,
     )
     compile: bool | None = where(
         None, "torch.compile the model [default: on for CUDA, off for the CPU]."

@@ -15,9 +15,16 @@ from tests.helpers import MlflowServer
 TINY_SPLITS = {"train": 96, "val": 48, "test": 64}
 
 
+# The longest test files start first, so that the parallel workers (ci/test.sh) end together.
+LONGEST_FIRST = ("test_quickstart.py", "test_docker.py", "test_mlproject.py", "test_study.py")
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """`gpu` tests run where torch sees a CUDA device and are skipped elsewhere, unless
-    PRUNECXR_REQUIRE_GPU=1 (on a GPU machine, a broken CUDA setup then fails them)."""
+    """Longest files first; `gpu` tests run where torch sees a CUDA device and are skipped
+    elsewhere, unless PRUNECXR_REQUIRE_GPU=1 (on a GPU machine, a broken CUDA setup then
+    fails them)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: else as collected
     import torch
 
     if torch.cuda.is_available() or os.environ.get("PRUNECXR_REQUIRE_GPU") == "1":

@@ -112,6 +112,7 @@ NON_DEFAULTS = {
     "compile": "false",
     "resident_data": "true",
     "cudnn_benchmark": "true",
+    "protocol": "original",
     "arch": "resnet18",
     "image_size": "64",
     "batch_size": "32",

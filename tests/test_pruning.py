@@ -67,6 +67,45 @@ def test_random_is_seeded_and_ignores_magnitude(resnet18):
     assert magnitudes[first].max() > magnitudes[~first].min()  # not magnitude-ordered
 
 
+def _random_kept(model, sparsity, seed=1) -> torch.Tensor:
+    pruned = prune_model(
+        copy.deepcopy(model), "random", sparsity, example_inputs=EXAMPLE, seed=seed
+    )
+    return _flat_weights(pruned) != 0
+
+
+def test_random_masks_of_two_sparsities_are_drawn_independently(resnet18):
+    """As the original's one random stream: the mask at 0.9 is no subset of the mask at 0.5
+    (nested masks would keep every weight of 0.9 at 0.5); each is repeatable and exact."""
+    half, tenth = _random_kept(resnet18, 0.5), _random_kept(resnet18, 0.9)
+    assert torch.equal(half, _random_kept(resnet18, 0.5))
+    assert (tenth & ~half).any()  # kept at 0.9 but not at 0.5
+    assert (tenth & ~half).float().mean().item() == pytest.approx(0.1 * 0.5, abs=0.01)
+    assert 1 - half.float().mean().item() == pytest.approx(0.5, abs=1e-6)
+    assert 1 - tenth.float().mean().item() == pytest.approx(0.9, abs=1e-6)
+
+
+def test_random_masks_leave_the_weights_and_the_global_rng_alone(resnet18):
+    """The mask is drawn from a generator of its own on the CPU: the kept weights are the
+    model's own, bit for bit, and torch's global random state is not advanced."""
+    rng = torch.get_rng_state()
+    before = _flat_weights(resnet18)
+    pruned = prune_model(copy.deepcopy(resnet18), "random", 0.7, example_inputs=EXAMPLE, seed=2)
+    after = _flat_weights(pruned)
+    assert torch.equal(after[after != 0], before[after != 0])
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(_flat_weights(resnet18), before)
+
+
+@pytest.mark.gpu
+def test_random_masks_are_the_same_on_a_gpu(resnet18):
+    on_cpu = _random_kept(resnet18, 0.6, seed=5)
+    gpu_model = copy.deepcopy(resnet18).cuda()
+    pruned = prune_model(gpu_model, "random", 0.6, example_inputs=EXAMPLE.cuda(), seed=5)
+    assert pruned.fc.weight.is_cuda
+    assert torch.equal((_flat_weights(pruned) != 0).cpu(), on_cpu)
+
+
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
 def test_structured_hits_the_target_and_shrinks_the_model(resnet18, sparsity):
     total, _ = count_prunable(resnet18)

@@ -61,10 +61,13 @@ def test_analysis_grade_evaluation_is_strict_fp32_by_default():
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         assert resolve_runtime(device, for_analysis=True).precision == "fp32"
         assert resolve_runtime(device, precision="bf16", for_analysis=True).precision == "bf16"
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    if not hasattr(torch.backends.cudnn, "conv"):  # torch < 2.9: no fp32_precision API
+        return
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
     with resolve_runtime("cpu").autocast():
-        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
-    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
 
 
 @pytest.mark.gpu

@@ -37,10 +37,13 @@ def draw_augmentation(size: int, generator: torch.Generator) -> torch.Tensor:
     return torch.stack([angles, flips], dim=1)
 
 
-def augment(batch: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+def augment(
+    batch: torch.Tensor, params: torch.Tensor, interpolation: str = "bilinear"
+) -> torch.Tensor:
     """Per-image horizontal flip and rotation (`params` from draw_augmentation, on the batch's
     device): (B, 1, S, S) uint8 -> (B, 1, S, S) float in [0, 255]. One affine grid does both,
-    so the cost is a single grid_sample whatever the batch size."""
+    so the cost is a single grid_sample whatever the batch size. `interpolation`: bilinear, or
+    nearest (torchvision's RandomRotation default, which the original code used)."""
     angles, flips = params[:, 0], params[:, 1]
     cos, sin, zero = torch.cos(angles), torch.sin(angles), torch.zeros_like(angles)
     # Rotation matrix times a horizontal flip (x -> -x) applied first.
@@ -53,5 +56,5 @@ def augment(batch: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     )
     grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
     return F.grid_sample(
-        batch.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        batch.float(), grid, mode=interpolation, padding_mode="zeros", align_corners=False
     )

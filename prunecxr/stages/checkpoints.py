@@ -29,13 +29,6 @@ def checkpoint_config(checkpoint: dict) -> TrainConfig:
     return TrainConfig.from_flat(**checkpoint["config"])
 
 
-def training_done(checkpoint: dict, config: TrainConfig) -> bool:
-    return (
-        checkpoint["epochs_since_best"] >= config.optim.patience
-        or checkpoint["epoch"] >= config.optim.max_epochs
-    )
-
-
 def fetch_checkpoint(run_id: str) -> dict:
     """The run's latest checkpoint: the one kept on this machine if it is newer than the one
     uploaded to the run (uploads are rate-limited, see Checkpoints), or the only one readable."""

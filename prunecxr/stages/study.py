@@ -133,6 +133,7 @@ def run_study(
         "image_size": train.data.image_size,
         "seeds": ",".join(map(str, config.seeds)),
         "methods": ",".join(config.methods),
+        "protocol": train.optim.protocol,
     }
     stage = Stage("study", f"study-{train.data.dataset}", key=study_key(config), params=params)
     return run_stage(stage, lambda study_id, _: _study(study_id, config, executor, allow_pickle))

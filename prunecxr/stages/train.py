@@ -20,6 +20,7 @@ from prunecxr.fitting import (
     create_state,
     evaluate_split,
     fit,
+    keeps_training,
     open_splits,
     restore_state,
 )
@@ -31,7 +32,6 @@ from prunecxr.stages.checkpoints import (
     checkpoint_config,
     fetch_checkpoint,
     has_checkpoint,
-    training_done,
 )
 from prunecxr.stages.kernel import Stage, find_previous, open_stage
 from prunecxr.tracking import ownership
@@ -120,7 +120,8 @@ def resume_training(run_id: str, **overrides) -> str:
             f"{', '.join(RESUME_OVERRIDABLE)} can change when resuming"
         )
     config = TrainConfig.from_flat(**{**stored, **overrides})
-    if training_done(checkpoint, config) and tracking.run_finished(run_id):
+    done = not keeps_training(checkpoint["epoch"], checkpoint["epochs_since_best"], config.optim)
+    if done and tracking.run_finished(run_id):
         raise PrunecxrError(
             f"run {run_id} already finished training at epoch {checkpoint['epoch']}; "
             f"pass a larger --max-epochs to train on"
@@ -138,7 +139,7 @@ def run_distributed_training(config: TrainConfig) -> str | None:
         distributed.barrier()
         if distributed.rank() == 0:
             return run_training(config)
-        runtime = runtime_of(config.runtime)
+        runtime = runtime_of(config.runtime, protocol=config.optim.protocol)
         state = create_state(config, get_schema(config.data.dataset).num_classes, runtime)
         fit(state, config, open_splits(config.data), runtime, on_epoch_end=lambda state: None)
         return None
@@ -151,7 +152,7 @@ def _train(
     parent_run_id: str | None = None,
 ) -> str:
     num_classes = get_schema(config.data.dataset).num_classes
-    runtime = runtime_of(config.runtime)
+    runtime = runtime_of(config.runtime, protocol=config.optim.protocol)
     splits = open_splits(config.data)  # bad labels or images: an error before anything else
     if checkpoint:
         state = restore_state(checkpoint, config, num_classes, runtime)
