@@ -70,6 +70,11 @@ class ModelSource:
         return params
 
 
+# Random masks are drawn per (seed, sparsity) from a CPU generator (pruning.prune_random);
+# cells of the earlier nested, device-drawn masks have keys without this.
+MASK_SCHEMES = {"random": "masks-per-cell-cpu"}
+
+
 @dataclass(frozen=True)
 class Cell:
     """One (model, method, sparsity) of a sweep: its key (how runs are found again) and the
@@ -81,7 +86,11 @@ class Cell:
 
     @property
     def key(self) -> str:
-        return f"{self.source.key}|{self.method}|{self.sparsity:g}"
+        """A finished cell of a continued sweep is reused only while its key holds; a method
+        whose masks changed carries its mask scheme, so cells made the old way are redone."""
+        scheme = MASK_SCHEMES.get(self.method)
+        suffix = f"|{scheme}" if scheme else ""
+        return f"{self.source.key}|{self.method}|{self.sparsity:g}{suffix}"
 
     @property
     def run_name(self) -> str:

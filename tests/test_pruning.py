@@ -154,3 +154,17 @@ def test_a_channels_last_model_from_a_gpu_prunes_like_the_standard_layout(resnet
     for a, b in zip(standard.state_dict().values(), pruned.state_dict().values()):
         assert torch.equal(a, b)
     assert all(p.is_contiguous() for p in pruned.parameters())
+
+
+def test_random_cells_carry_their_mask_scheme_in_the_key():
+    """A sweep continued across the change of random masks redoes its random cells (their
+    masks were nested and drawn on the device); L1 and structured cells keep their keys."""
+    from prunecxr.cells import Cell, ModelSource
+    from prunecxr.specs import DataSpec
+
+    source = ModelSource(
+        "runs:/r/model", "r", "resnet18", 0, "none", DataSpec(), torch.nn.Identity()
+    )
+    assert Cell(source, "l1", 0.5).key == "r|l1|0.5"
+    assert Cell(source, "structured", 0.5).key == "r|structured|0.5"
+    assert Cell(source, "random", 0.5).key == "r|random|0.5|masks-per-cell-cpu"
