@@ -15,7 +15,7 @@ if [ "$WORKERS" -gt 1 ]; then
     # each worker, and the processes its tests start, gets its share of the cores (torch threads
     # on every core in every worker thrash a small machine)
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / WORKERS > 0 ? $(nproc) / WORKERS : 1 ))}"
-    "$VENV/bin/python" -m pytest -n "$WORKERS" --dist loadfile "$@"
+    "$VENV/bin/python" -m pytest -n "$WORKERS" --dist loadfile --no-loadscope-reorder "$@"
 else
     "$VENV/bin/python" -m pytest "$@"
 fi
