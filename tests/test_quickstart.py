@@ -55,7 +55,6 @@ def test_quickstart_demo_then_the_headline_prune_command(tmp_path):
     venv = layered_venv(tmp_path / "venv")
     env = cli_env(PRUNECXR_VENV=str(venv), PRUNECXR_CACHE=str(tmp_path / "cache"))
     env.pop("MLFLOW_TRACKING_URI", None)  # the embedded store, ./mlflow.db, as on a new machine
-    env.pop("OMP_NUM_THREADS", None)  # every core, as on a user's machine (ci/test.sh shares them)
     demo = subprocess.run(
         ["bash", "ci/demo.sh"], cwd=project, env=env, capture_output=True, text=True, timeout=2400
     )
