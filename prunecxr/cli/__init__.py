@@ -9,10 +9,11 @@ import sys
 import click
 
 from prunecxr import PrunecxrError, tracking
-from prunecxr.cli.housekeeping import cache, upload
+from prunecxr.cli.housekeeping import cache
 from prunecxr.cli.pruning import analyze, prune, sweep
 from prunecxr.cli.reader_study import reader_study
 from prunecxr.cli.training import study, synth, train
+from prunecxr.cli.upload import upload
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
