@@ -4,6 +4,7 @@ Options come from the settings specs (options.py); each module holds a family of
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
@@ -26,8 +27,21 @@ for _command in (synth, train, study, prune, sweep, analyze, reader_study, uploa
     cli.add_command(_command)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`docker stop`, Kubernetes, SLURM), handled like Ctrl-C: the run in progress
+    ends KILLED and cleanup runs."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 1."""
+    # As PID 1 in a container a process has no default action for SIGTERM: without a handler,
+    # `docker stop` kills it 10 s later, its run left RUNNING.
+    signal.signal(signal.SIGTERM, _terminate)
     tracking.quiet_logs()
     _show_progress_notes()
     try:
@@ -43,7 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as error:
         error.show()
         sys.exit(error.exit_code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as abort:
+        if isinstance(abort.__cause__, Terminated):  # click turns it into Abort
+            click.echo("terminated (SIGTERM)", err=True)
+            sys.exit(128 + signal.SIGTERM)
         click.echo("aborted", err=True)
         sys.exit(130)
     except PrunecxrError as error:
