@@ -14,10 +14,18 @@ from prunecxr.sources import rebuild_model
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "--tracking-uri",
-    help="Where to send it [default: the server the run was logging to]; for a server that moved.",
+    help="The server to send it to [default: MLFLOW_TRACKING_URI]; never taken from FOLDER.",
 )
-def upload(folder, tracking_uri) -> None:
+@click.option(
+    "--to-other-server",
+    is_flag=True,
+    help="Send it although FOLDER was kept for another server (a server that moved).",
+)
+def upload(folder, tracking_uri, to_other_server) -> None:
     """Send what a train run kept in FOLDER while its tracking server was away (the error
-    line of that run names the folder and this command)."""
-    run_id, count = tracking.upload_kept(folder, rebuild_model, tracking_uri)
+    line of that run names the folder and this command). Every record and file in FOLDER is
+    checked before anything is sent."""
+    run_id, count = tracking.upload_kept(
+        folder, rebuild_model, tracking_uri, to_other_server=to_other_server
+    )
     click.echo(f"run {run_id}: {count} kept calls sent; {tracking.where_to_browse(run_id)}")

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.environment_variables import MLFLOW_TRACKING_URI
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from torch import nn
@@ -33,6 +34,7 @@ from prunecxr.tracking.store import (
     STAGE_TAG,
     STAGES,
     WEIGHTS_ARTIFACT,
+    absolute_tracking_uri,
     get_run,
     run_settings,
     server_answers,
@@ -141,7 +143,7 @@ def _kept_while_away(run_id: str, keep: KeepWhileAway) -> Iterator[None]:
     server is still away when the run ends (after waiting OUTAGE_WAIT_SECONDS), the run's end is
     kept too, and one error line names the command that sends it all later."""
     global _outbox
-    uri = mlflow.get_tracking_uri()
+    uri = absolute_tracking_uri()
     folder = Path(keep.root) / run_id
     perform = functools.partial(_perform, rebuild_model=keep.rebuild_model)
     _outbox = box = Outbox(folder, run_id, uri, perform, server_answers)
@@ -156,7 +158,7 @@ def _kept_while_away(run_id: str, keep: KeepWhileAway) -> Iterator[None]:
             raise
         finally:
             _outbox = None
-            if box.records:
+            if box.waiting():
                 log.warning("waiting up to %.0f s for the server %s", OUTAGE_WAIT_SECONDS, uri)
             sent = box.wait(OUTAGE_WAIT_SECONDS)
             if not (_end_run(status, uri) and sent):  # ended in this process either way
@@ -209,11 +211,7 @@ def _perform(run_id: str, record: dict, rebuild_model: ModelRebuilder) -> None:
     """Make a kept logging call (outbox.py) on the server."""
     client, files = MlflowClient(), record["files"]
     if record["kind"] == "metrics":
-        metrics = [
-            Metric(key, value, record["timestamp"], record["step"])
-            for key, value in record["metrics"].items()
-        ]
-        client.log_batch(run_id, metrics=metrics)
+        _log_metric_points(run_id, record)
     elif record["kind"] == "artifact":
         client.log_artifact(run_id, files["file"], record["artifact_dir"])
     elif record["kind"] == "model":
@@ -225,23 +223,40 @@ def _perform(run_id: str, record: dict, rebuild_model: ModelRebuilder) -> None:
 
 
 def upload_kept(
-    folder: Path, rebuild_model: ModelRebuilder, tracking_uri: str | None = None
+    folder: Path,
+    rebuild_model: ModelRebuilder,
+    tracking_uri: str | None = None,
+    *,
+    to_other_server: bool = False,
 ) -> tuple[str, int]:
-    """Send what a run left in `folder` while its tracking server was away, to the server it
-    was logging to (or `tracking_uri`, where the server has moved). -> (run id, calls sent)."""
+    """Send what a run left in `folder` while its tracking server was away, to `tracking_uri`
+    or else the environment's MLFLOW_TRACKING_URI, never to a server the folder alone names
+    (its credentials would go there); to another server than the folder's only with
+    `to_other_server` (the server moved). Every record and file is checked before anything is
+    sent (outbox.py). -> (run id, calls sent)."""
     if not (Path(folder) / "meta.json").is_file():
         raise PrunecxrError(f"{folder} holds nothing a run kept (no meta.json)")
     perform = functools.partial(_perform, rebuild_model=rebuild_model)
     box = Outbox.open(folder, perform, server_answers)
-    box.tracking_uri = tracking_uri or box.tracking_uri
-    mlflow.set_tracking_uri(box.tracking_uri)
-    count = len(box.records)
-    if not box.flush(now=True):
+    chosen = tracking_uri or MLFLOW_TRACKING_URI.get()
+    if not chosen:
         raise PrunecxrError(
-            f"the tracking server {box.tracking_uri} does not answer; {folder} is kept: run this "
-            f"again when it is back"
+            f"which tracking server? pass --tracking-uri or set MLFLOW_TRACKING_URI ({folder} "
+            f"was kept for {box.tracking_uri}; it is not used unless you choose it)"
         )
-    return box.run_id, count
+    if chosen.rstrip("/") != box.tracking_uri.rstrip("/") and not to_other_server:
+        raise PrunecxrError(
+            f"{folder} was kept for the tracking server {box.tracking_uri}, not {chosen}; pass "
+            f"--to-other-server to send it to {chosen} (a server that moved)"
+        )
+    box.tracking_uri = chosen
+    mlflow.set_tracking_uri(chosen)
+    if not box.flush(now=True, wait=False):
+        raise PrunecxrError(
+            f"the tracking server {chosen} does not answer; {folder} is kept: run this again "
+            f"when it is back"
+        )
+    return box.run_id, box.sent
 
 
 def log_params(params: dict) -> None:
@@ -283,7 +298,18 @@ def _same_value(a: str, b: str) -> bool:
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     metrics = {key: float(value) for key, value in metrics.items()}
     record = dict(kind="metrics", metrics=metrics, step=step or 0, timestamp=int(time.time() * 1e3))
-    _send(lambda: mlflow.log_metrics(metrics, step=step), record)
+    run_id = mlflow.active_run().info.run_id
+    _send(functools.partial(_log_metric_points, run_id, record), record)
+
+
+def _log_metric_points(run_id: str, record: dict) -> None:
+    """A metrics record's points, with its own timestamp and step: sent again (a retry after a
+    lost answer, a replay from the outbox), the same points, which the store keeps once."""
+    metrics = [
+        Metric(key, value, record["timestamp"], record["step"])
+        for key, value in record["metrics"].items()
+    ]
+    MlflowClient().log_batch(run_id, metrics=metrics)
 
 
 def log_label_file(path: Path, dataset: str, split: str) -> None:
