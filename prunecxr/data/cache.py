@@ -5,7 +5,12 @@ Two ways to make the pixels (`preprocess`):
 - "default": Pillow, bilinear with antialiasing (a fair downscale of 1024 px radiographs).
 - "original": as the original study's code, OpenCV `imread` + `resize` (INTER_LINEAR, no
   antialiasing), so its published checkpoints see the pixels they were trained on. Needs
-  opencv-python-headless (`pip install 'prunecxr[original]'`)."""
+  opencv-python-headless (`pip install 'prunecxr[original]'`).
+
+Files of one cache `X` in the cache folder (docs/data.md, "Image cache"): `X.npy` the pixels,
+`X.sha256.json` its size and per-chunk checksums, `X.lock` the lock its builders take,
+`X.bad.jsonl` the images that cannot be decoded (then there is no `X.npy`), and while it is
+built, temporary files `.X.*.partial`."""
 
 from __future__ import annotations
 
@@ -13,9 +18,15 @@ import contextlib
 import errno
 import functools
 import hashlib
+import io
+import json
+import logging
 import os
 import re
+import struct
 import time
+import warnings
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +36,35 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from prunecxr import PrunecxrError
-from prunecxr.processes import process_alive
+from prunecxr.processes import (
+    file_lock,
+    fsync_dir,
+    fsync_file,
+    is_locked,
+    temporary_name,
+    write_durably,
+)
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("PRUNECXR_CACHE", Path.home() / ".cache" / "prunecxr"))
 PREPROCESS = ("default", "original")
-_PARTIAL = re.compile(r"\.partial-(\d+)\.npy$")  # a build in progress (or killed): see _build_cache
+CHUNK_BYTES = 16 << 20  # one checksum per 16 MiB
+PROGRESS_BYTES = 1 << 30  # verifying a cache this large shows a progress bar
+# An unfinished build's file: `.X.npy.PID-RANDOM.partial` (processes.temporary_name) of any of
+# a cache's files, or `X.partial-PID.npy` of prunecxr before #23 (never finished now).
+_PARTIAL = re.compile(r"^\.(?P<stem>.+)\.(npy|sha256\.json|bad\.jsonl)\.\d+-[0-9a-f]+\.partial$")
+_OLD_PARTIAL = re.compile(r"\.partial-\d+\.npy$")
+_NOT_FOUND = (errno.ENOENT, errno.ENOTDIR)
+# What a decoder raises for bad image data (Pillow's OSError without an errno is one too).
+_DECODE_ERRORS = (
+    UnidentifiedImageError,
+    SyntaxError,
+    EOFError,
+    ValueError,
+    struct.error,
+    zlib.error,
+)
+_BOMBS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+log = logging.getLogger(__name__)
 
 
 class UnreadableImage(PrunecxrError):
@@ -39,27 +74,51 @@ class UnreadableImage(PrunecxrError):
 
 
 def decode_image(path: Path, image_size: int, preprocess: str = "default") -> np.ndarray:
-    """PNG/JPEG, grey or RGB (8 or 16 bit) -> (S, S) uint8 grey."""
+    """PNG/JPEG, grey or RGB (8 or 16 bit) -> (S, S) uint8 grey. Raises UnreadableImage when
+    the image itself is bad (missing, not an image, truncated, a decompression bomb) and a
+    plain PrunecxrError when the system fails to read it (permission, EIO, EMFILE, ...)."""
     if preprocess == "original":
         return _decode_like_the_original(Path(path), image_size)
     if preprocess != "default":
         raise PrunecxrError(f"unknown preprocess {preprocess!r}; valid: {', '.join(PREPROCESS)}")
-    try:
-        with Image.open(path) as image:
-            image = _to_grey8(image)
-            resized = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            return np.array(resized, dtype=np.uint8)
-    except FileNotFoundError:
-        raise UnreadableImage(path, "not found") from None
-    except PermissionError as error:  # the reader's rights, not the image: not remembered
-        raise PrunecxrError(f"cannot read image {path}: {error.strerror}") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise UnreadableImage(path, str(error)) from None
+    with _image_errors(path), Image.open(path) as image:
+        image = _to_grey8(image)
+        resized = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        return np.array(resized, dtype=np.uint8)
+
+
+@contextlib.contextmanager
+def _image_errors(path: Path):
+    """Decode errors -> UnreadableImage (remembered as a bad image); an OS error, which says
+    nothing about the image, -> a PrunecxrError naming its errno (not remembered)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            yield
+        except _BOMBS as error:
+            raise UnreadableImage(path, f"decompression bomb ({error})") from None
+        except OSError as error:
+            if error.errno in _NOT_FOUND:
+                raise UnreadableImage(path, "not found") from None
+            if error.errno is not None:
+                raise _system_error(path, error) from None
+            raise UnreadableImage(path, str(error)) from None
+        except _DECODE_ERRORS as error:
+            raise UnreadableImage(path, str(error) or type(error).__name__) from None
+
+
+def _system_error(path: Path, error: OSError) -> PrunecxrError:
+    name = errno.errorcode.get(error.errno, str(error.errno))
+    return PrunecxrError(
+        f"cannot read image {path}: {error.strerror} ({name}); a system error, not a bad "
+        f"image: not listed as bad, fix it and run again"
+    )
 
 
 def _decode_like_the_original(path: Path, image_size: int) -> np.ndarray:
     """cv2.imread (8-bit; 16-bit images are scaled down by OpenCV) + cv2.resize INTER_LINEAR,
-    as the original's datasets.py. It reads 3 equal channels for a grey radiograph; one is kept."""
+    as the original's datasets.py. It reads 3 equal channels for a grey radiograph; one is kept.
+    The bytes are read here (imdecode: imread's decoder), so that an OS error keeps its errno."""
     try:
         import cv2
     except ImportError:
@@ -67,12 +126,23 @@ def _decode_like_the_original(path: Path, image_size: int) -> np.ndarray:
             "--preprocess original needs OpenCV: pip install 'prunecxr[original]' "
             "(opencv-python-headless)"
         ) from None
-    if not path.exists():
-        raise UnreadableImage(path, "not found")
-    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    with _image_errors(path):
+        data = path.read_bytes()
+        _refuse_bombs(data)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
     if image is None:
         raise UnreadableImage(path, "OpenCV could not read it")
     return cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+
+
+def _refuse_bombs(data: bytes) -> None:
+    """Pillow's decompression-bomb check of the header (OpenCV allocates up to 1 G px first)."""
+    try:
+        Image.open(io.BytesIO(data)).close()
+    except _BOMBS:
+        raise
+    except Exception:  # noqa: BLE001 - not Pillow's to judge: OpenCV decides what decodes
+        pass
 
 
 def _to_grey8(image: Image.Image) -> Image.Image:
@@ -125,34 +195,141 @@ def load_images(
     preprocess: str = "default",
 ) -> np.ndarray:
     """(N, S, S) uint8 memory-mapped view of the images, decoding them only on a cache miss.
-    Raises BadImages listing every image that cannot be read (remembered in a `.bad.tsv` file
-    beside where the cache would be, so that asking again does not decode everything again)."""
+    Raises BadImages listing every image that cannot be read (remembered in a `.bad.jsonl`
+    file beside where the cache would be, so that asking again does not decode everything
+    again). One process builds a cache at a time (its lock); the others wait and use it."""
     key = cache_key(label_file, image_paths, image_size, preprocess)
     how = "" if preprocess == "default" else f"-{preprocess}"
     path = Path(cache_dir) / f"{Path(label_file).stem}-{image_size}px{how}-{key}.npy"
-    listing = path.with_suffix(".bad.tsv")
-    if listing.exists():
-        raise BadImages(label_file, _read_listing(listing), listing)
-    if not path.exists():
-        decode = functools.partial(decode_image, image_size=image_size, preprocess=preprocess)
-        bad = _build_cache(path, image_paths, decode, image_size, num_workers)
-        if bad:
-            _write_listing(listing, bad)
-            raise BadImages(label_file, bad, listing)
+    listing = _listing_path(path)
+    if not _ready(path, listing):
+        with file_lock(_lock_path(path)):  # waits while another process builds it
+            if not _ready(path, listing, remove_corrupt=True):  # or it was built meanwhile
+                decode = functools.partial(
+                    decode_image, image_size=image_size, preprocess=preprocess
+                )
+                bad = _build_cache(path, image_paths, decode, image_size, num_workers)
+                if bad:
+                    _write_listing(listing, bad)
+    bad = _read_listing(listing)
+    if bad is not None:
+        raise BadImages(label_file, bad, listing)
     with contextlib.suppress(OSError):  # last use (access time; mtime stays the build's)
         os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
     return np.load(path, mmap_mode="r")
 
 
+def _lock_path(path: Path) -> Path:
+    return path.with_suffix(".lock")
+
+
+def _checksum_path(path: Path) -> Path:
+    return path.with_suffix(".sha256.json")
+
+
+def _listing_path(path: Path) -> Path:
+    return path.with_suffix(".bad.jsonl")
+
+
 def _write_listing(listing: Path, bad: dict[Path, str]) -> None:
-    partial = listing.with_suffix(f".partial-{os.getpid()}")
-    partial.write_text("".join(f"{path}\t{why}\n" for path, why in bad.items()))
-    partial.replace(listing)
+    lines = (json.dumps({"path": str(path), "reason": why}) + "\n" for path, why in bad.items())
+    write_durably(listing, "".join(lines))
 
 
-def _read_listing(listing: Path) -> dict[Path, str]:
-    lines = listing.read_text().splitlines()
-    return {Path(path): why for path, why in (line.split("\t", 1) for line in lines)}
+def _read_listing(listing: Path) -> dict[Path, str] | None:
+    """The bad images listed, or None without a (readable) list. An unreadable one is not
+    trusted: the images are decoded again and the list rewritten."""
+    try:
+        records = [json.loads(line) for line in listing.read_text().splitlines()]
+        return {Path(record["path"]): record["reason"] for record in records}
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as error:
+        log.warning("%s is unreadable (%s); finding the bad images again", listing, error)
+        return None
+
+
+# (path, size, mtime, inode) -> what is wrong with that cache (None: nothing), so that a
+# process reads a cache through only once however many times it loads it.
+_MISSING = "missing"
+_CHECKED: dict[tuple[str, int, int, int], str | None] = {}
+
+
+def _problem(path: Path) -> str | None:
+    """What is wrong with the cache at `path` (_MISSING when there is none), None if it is
+    whole: its size and every chunk's checksum as written when it was built."""
+    try:
+        seen = _identity(path)
+    except FileNotFoundError:
+        return _MISSING
+    if seen not in _CHECKED:
+        _CHECKED[seen] = _check_against_checksums(path, seen[1])
+    return _CHECKED[seen]
+
+
+def _identity(path: Path) -> tuple[str, int, int, int]:
+    stat = path.stat()
+    return str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
+def _check_against_checksums(path: Path, size: int) -> str | None:
+    sums = _checksum_path(path)
+    try:
+        expected = json.loads(sums.read_text())
+        written, chunks = int(expected["size"]), list(expected["sha256"])
+    except FileNotFoundError:
+        return (
+            f"it has no checksum file {sums.name}: it was built before caches had one, when "
+            f"two processes building it at once could leave zero images in it"
+        )
+    except (ValueError, KeyError, TypeError) as error:
+        return f"its checksum file {sums.name} is unreadable ({error})"
+    if size != written:
+        return f"{size} bytes where {written} were written (truncated or overwritten)"
+    for index, (actual, wanted) in enumerate(zip(_chunk_checksums(path, size), chunks)):
+        if actual != wanted:
+            start = index * CHUNK_BYTES
+            return f"bytes {start}-{min(start + CHUNK_BYTES, size) - 1} differ from its checksum"
+    return None
+
+
+def _chunk_checksums(path: Path, size: int):
+    """SHA-256 of each CHUNK_BYTES of the file, read in turn (a bar for large files)."""
+    bar = tqdm(
+        total=size,
+        unit="B",
+        unit_scale=True,
+        desc=f"checking {path.name}",
+        disable=size < PROGRESS_BYTES,
+    )
+    with open(path, "rb") as file, bar:
+        while chunk := file.read(CHUNK_BYTES):
+            bar.update(len(chunk))
+            yield hashlib.sha256(chunk).hexdigest()
+
+
+def _ready(path: Path, listing: Path, *, remove_corrupt: bool = False) -> bool:
+    """Whether the cache at `path`, or the list of its bad images, can be used now. A corrupt
+    cache is removed with `remove_corrupt` (it is derived data: rebuilt from the images)."""
+    if _read_listing(listing) is not None:
+        return True
+    problem = _problem(path)
+    if problem not in (None, _MISSING) and remove_corrupt:
+        log.warning(
+            "image cache %s cannot be used: %s; removing it and decoding the images again (a "
+            "cache is derived data: nothing is lost)",
+            path,
+            problem,
+        )
+        path.unlink(missing_ok=True)
+    return problem is None
+
+
+def verify_cache(path: Path) -> str | None:
+    """`cache verify`: what is wrong with the cache at `path`, None if it is whole (read
+    through every time, unlike the check on load)."""
+    path = Path(path)
+    return _check_against_checksums(path, path.stat().st_size)
 
 
 @dataclass(frozen=True)
@@ -160,27 +337,58 @@ class CacheFile:
     path: Path
     size: int  # bytes
     last_used: float  # Unix time
-    building_pid: int | None = None  # a partial file: the process that was writing it
+    partial: bool = False  # a file of an unfinished build, never read
+    building: bool = False  # ... whose build holds the cache's lock now
 
     @property
     def abandoned(self) -> bool:
-        """A partial file whose process is gone (killed mid-build): never read, only removed."""
-        return self.building_pid is not None and not process_alive(self.building_pid)
+        """A partial file no build holds the lock for (its build was killed): only removed."""
+        return self.partial and not self.building
+
+    @property
+    def old_listing(self) -> bool:
+        """A bad-image list of prunecxr before #23 (tab-separated), ignored now."""
+        return self.path.name.endswith(".bad.tsv")
 
 
 def list_caches(cache_dir: Path) -> list[CacheFile]:
-    """The caches (and partial builds) in `cache_dir`, least recently used first."""
+    """The caches, bad-image lists and partial builds in `cache_dir`, least recently used
+    first. A partial file is being built when its cache's lock is held, not by any PID."""
+    if not Path(cache_dir).is_dir():
+        return []
     files = []
-    for path in [*Path(cache_dir).glob("*.npy"), *Path(cache_dir).glob("*.bad.tsv")]:
-        match = _PARTIAL.search(path.name)
+    for path in Path(cache_dir).iterdir():
+        name, partial = path.name, _PARTIAL.match(path.name)
+        if not (partial or name.endswith((".npy", ".bad.jsonl", ".bad.tsv"))):
+            continue  # a cache's checksums and lock go with it; other folders
         try:
             stat = path.stat()
         except FileNotFoundError:  # a build renamed its partial file meanwhile
             continue
-        pid = int(match.group(1)) if match else None
+        building = bool(partial) and is_locked(path.with_name(f"{partial['stem']}.lock"))
+        is_partial = bool(partial or _OLD_PARTIAL.search(name))
         last_used = max(stat.st_atime, stat.st_mtime)
-        files.append(CacheFile(path, stat.st_size, last_used, pid))
+        files.append(CacheFile(path, stat.st_size, last_used, is_partial, building))
     return sorted(files, key=lambda file: file.last_used)
+
+
+def remove_cache_file(file: CacheFile) -> bool:
+    """Remove a listed file (a cache with its checksums and lock); False when it is in use by
+    a build (its lock is held), which is then left alone."""
+    if file.partial:
+        if file.building:
+            return False
+        file.path.unlink(missing_ok=True)
+        return True
+    stem = file.path.name.removesuffix(".npy").removesuffix(".bad.jsonl").removesuffix(".bad.tsv")
+    lock = file.path.with_name(f"{stem}.lock")
+    with file_lock(lock, wait=False) as held:
+        if not held:
+            return False
+        file.path.unlink(missing_ok=True)
+        file.path.with_name(f"{stem}.sha256.json").unlink(missing_ok=True)
+        lock.unlink()  # a process waiting on it gets it, finds no cache and builds one: no harm
+    return True
 
 
 def _allocate(path: Path, shape: tuple[int, ...]) -> np.memmap:
@@ -202,7 +410,7 @@ def _allocate(path: Path, shape: tuple[int, ...]) -> np.memmap:
 
 def _try_decode(decode, path: Path) -> np.ndarray | str:
     """The image, or why it cannot be read (a worker process returns it rather than raising,
-    so that one pass finds every bad image)."""
+    so that one pass finds every bad image; a system error is raised)."""
     try:
         return decode(path)
     except UnreadableImage as error:
@@ -212,32 +420,44 @@ def _try_decode(decode, path: Path) -> np.ndarray | str:
 def _build_cache(
     path: Path, image_paths: list[Path], decode, image_size: int, num_workers: int
 ) -> dict[Path, str]:
-    """Decode into a temporary file and rename it, so an interrupted build never leaves a
-    truncated cache behind that a later run would trust. -> the images that cannot be read
-    (path: why); if there are any, no cache is kept."""
+    """Decode into a temporary file of this build's own, write its checksums, then rename it
+    (each fsynced), so that no reader ever sees a part of a cache, even after a crash. Called
+    with the cache's lock held. -> the images that cannot be read (path: why); if there are
+    any, no cache is kept."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".partial-{os.getpid()}.npy")
-    shape = (len(image_paths), image_size, image_size)
-    progress = dict(total=len(image_paths), desc=f"caching {path.name}", unit="img")
-    try_decode = functools.partial(_try_decode, decode)
-    bad = {}
+    partial = temporary_name(path)
     try:
-        array = _allocate(partial, shape)
-        with contextlib.ExitStack() as stack:
-            if num_workers > 0:
-                pool = stack.enter_context(ProcessPoolExecutor(num_workers))
-                decoded = pool.map(try_decode, image_paths, chunksize=64)
-            else:
-                decoded = map(try_decode, image_paths)
-            for index, image in enumerate(tqdm(decoded, **progress)):
-                if isinstance(image, str):
-                    bad[image_paths[index]] = image
-                else:
-                    array[index] = image
+        array = _allocate(partial, (len(image_paths), image_size, image_size))
+        bad = _decode_into(array, image_paths, decode, num_workers, path.name)
         array.flush()
         del array
         if not bad:
+            fsync_file(partial)
+            size = partial.stat().st_size
+            sums = {"size": size, "chunk_bytes": CHUNK_BYTES}
+            sums["sha256"] = list(_chunk_checksums(partial, size))
+            write_durably(_checksum_path(path), json.dumps(sums))
             partial.replace(path)
+            fsync_dir(path.parent)
+            _CHECKED[_identity(path)] = None  # just checksummed: not read through again
         return bad
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _decode_into(array, image_paths: list[Path], decode, num_workers: int, name: str):
+    progress = dict(total=len(image_paths), desc=f"caching {name}", unit="img")
+    try_decode = functools.partial(_try_decode, decode)
+    bad = {}
+    with contextlib.ExitStack() as stack:
+        if num_workers > 0:
+            pool = stack.enter_context(ProcessPoolExecutor(num_workers))
+            decoded = pool.map(try_decode, image_paths, chunksize=64)
+        else:
+            decoded = map(try_decode, image_paths)
+        for index, image in enumerate(tqdm(decoded, **progress)):
+            if isinstance(image, str):
+                bad[image_paths[index]] = image
+            else:
+                array[index] = image
+    return bad
