@@ -3,9 +3,13 @@ and ends (docs/ARCHITECTURE.md, "The stage kernel").
 
 1. Look up by key: a stage's key says what it computes, so running the same command again
    finds the run it started before (`find_previous`).
-2. Take over that run if it is unfinished (refused while its process lives; what it left
-   RUNNING underneath is marked KILLED), or start a new one, nested under its parent.
-3. Own it: a heartbeat says a live process works on it, so a second one is refused.
+2. Claim: an unfinished run found is claimed before any work (refused while another process
+   lives on it; of two claiming it at once, one is refused; what its dead owner left RUNNING
+   underneath is marked KILLED), else a new run starts, nested under its parent, and is
+   claimed at once. The owner tag is this process's random id (processes.process_id()), kept
+   alive by a heartbeat until the run has ended.
+3. Check at safe points: a process whose run another took over (after a long tracking outage)
+   stops there (ownership.ensure_mine).
 4. A new run gets its key tag and its params.
 5. The stage's work runs inside; the run ends with it (FINISHED, or FAILED/KILLED on an error).
 """
@@ -87,20 +91,23 @@ def find_previous(
 @contextlib.contextmanager
 def open_stage(stage: Stage, continued_run_id: str | None = None) -> Iterator[str]:
     """Steps 2 to 5 for `stage`: continue `continued_run_id` or start a new run; yields the run
-    id while the stage works."""
-    if continued_run_id is not None:
-        ownership.take_over(continued_run_id, stage.described)
-    with tracking.start_run(
-        stage.name,
-        run_name=stage.run_name,
-        run_id=continued_run_id,
-        parent_run_id=stage.parent_run_id,
-        system_metrics=stage.system_metrics,
-        keep_while_away=stage.keep_while_away,
-    ) as run_id:
-        owning = ownership.owned(run_id, contested=continued_run_id is not None)
-        with owning if stage.owned else contextlib.nullcontext():
+    id while the stage works. A caller that claimed `continued_run_id` already (to claim it
+    before slow work of its own) keeps its claim."""
+    # The claim is held until after the run has ended: exit order is start_run's, then this.
+    with contextlib.ExitStack() as claim:
+        if continued_run_id is not None:
+            claim.enter_context(ownership.claimed(continued_run_id, stage.described))
+        with tracking.start_run(
+            stage.name,
+            run_name=stage.run_name,
+            run_id=continued_run_id,
+            parent_run_id=stage.parent_run_id,
+            system_metrics=stage.system_metrics,
+            keep_while_away=stage.keep_while_away,
+        ) as run_id:
             if continued_run_id is None:
+                if stage.owned:
+                    claim.enter_context(ownership.claimed(run_id, stage.described, contested=False))
                 if stage.key is not None:
                     tracking.set_tags({stage.key_tag: stage.key})
                 if stage.params:

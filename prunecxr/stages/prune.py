@@ -22,6 +22,7 @@ from prunecxr.runtime import Runtime, runtime_of
 from prunecxr.sources import check_distinct_seeds
 from prunecxr.specs import CellSettings, Finetune, digest
 from prunecxr.stages.kernel import KEY_TAGS, Stage, open_stage, run_stage
+from prunecxr.tracking import ownership
 
 log = logging.getLogger(__name__)
 CELL_TAG = KEY_TAGS["prune"]
@@ -62,6 +63,7 @@ class CellRuns:
     def log(self, cell: Cell, test: SplitData, runtime: Runtime, result: CellResult, parent):
         """One prune run with the cell's params, metrics, per-class table and predictions."""
         classes = get_schema(cell.source.data.dataset).classes
+        ownership.ensure_mine(parent)  # a sweep taken over gets no more cells from here
         with open_stage(self.stage(cell, parent)) as run_id:
             tracking.log_resolved(runtime.describe())
             data = cell.source.data
@@ -144,6 +146,7 @@ def _sweep(
     def attempt(keys: list[str]) -> dict[str, Failure]:
         """The cells of `keys` as executor jobs; -> those MLflow does not hold as finished
         (their job failed, or its worker or node was lost: then their last error, if any)."""
+        ownership.ensure_mine(sweep_id)
         batches = _cell_batches([by_key[key] for key in keys], executor)
         # A job names its source apart from its cells: Ray stores each model once, not per job.
         jobs = [(context, batch[0].source, _grid(batch), runs, sweep_id) for batch in batches]
@@ -152,6 +155,7 @@ def _sweep(
                 errors.update({cell.key: Failure.of(outcome) for cell in batches[index]})
             else:
                 errors.update(outcome)
+        ownership.ensure_mine(sweep_id)  # taken over: its cells' failures are not ours to log
         finished = tracking.finished_child_ids_by_tag(sweep_id, "prune", CELL_TAG)
         return {key: errors.get(key, lost) for key in keys if key not in finished}
 
@@ -231,6 +235,7 @@ def _run_cells(cells: list[Cell], runs: CellRuns, sweep_id: str) -> dict[str, Fa
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-cell") as logger:
         logging_jobs = {}
         for cell in tqdm(cells, desc="sweep", unit="cell"):
+            ownership.ensure_mine(sweep_id)
             try:
                 test = test_split(cell.source.data, settings.num_workers)
                 if computer is None:

@@ -20,6 +20,7 @@ from prunecxr.stages.analyze import analyze_sweep
 from prunecxr.stages.kernel import Stage, finished_run, run_stage
 from prunecxr.stages.prune import run_sweep, sweep_key
 from prunecxr.stages.train import train_or_continue
+from prunecxr.tracking import ownership
 
 # The demo's data and model (docs/demo.md says what each choice was measured against).
 DEMO_SPLIT_SIZES = {"train": 4000, "val": 300, "test": 2000}
@@ -146,7 +147,9 @@ def _study(study_id: str, config: StudyConfig, executor: Executor, allow_pickle:
         [(context, study_id, config.train.replace(seed=seed)) for seed in config.seeds],
         [f"seed {seed}" for seed in config.seeds],
     )
+    ownership.ensure_mine(study_id)  # taken over: its new owner sweeps
     sweep_id = _sweep(study_id, config, train_ids, executor, allow_pickle)
+    ownership.ensure_mine(study_id)
     if not tracking.finished_children(study_id, "analyze"):  # analysis runs once per study
         analyze_sweep(sweep_id, allow_pickle=allow_pickle)
 

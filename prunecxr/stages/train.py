@@ -103,8 +103,13 @@ def resume_training(run_id: str, **overrides) -> str:
     """Continue train run `run_id` from its last checkpoint with the run's own settings;
     `overrides` (only what the user typed) replace those in RESUME_OVERRIDABLE. A run whose
     epochs are done but whose final results were never logged (it died while logging them)
-    logs them now."""
-    ownership.refuse_if_alive(run_id, "train run")
+    logs them now. The run is claimed first: a second process is refused before it downloads
+    the checkpoint or opens the data (minutes where caches are built)."""
+    with ownership.claimed(run_id, "train run"):
+        return _resume(run_id, overrides)
+
+
+def _resume(run_id: str, overrides: dict) -> str:
     checkpoint = fetch_checkpoint(run_id)
     stored = checkpoint_config(checkpoint).flat()
     if "data_dir" in overrides and "label_dir" not in overrides:
@@ -153,7 +158,8 @@ def _train(
 ) -> str:
     num_classes = get_schema(config.data.dataset).num_classes
     runtime = runtime_of(config.runtime, protocol=config.optim.protocol)
-    splits = open_splits(config.data)  # bad labels or images: an error before anything else
+    # Bad labels or images: an error before a new run is created (a resumed one is claimed).
+    splits = open_splits(config.data)
     if checkpoint:
         state = restore_state(checkpoint, config, num_classes, runtime)
     else:
@@ -164,7 +170,13 @@ def _train(
         else:
             _log_inputs(config, runtime, splits)
         checkpoints = Checkpoints(active_id, config)
-        fit(state, config, splits, runtime, checkpoints.after_epoch)
+
+        def after_epoch(state: TrainState) -> None:
+            ownership.ensure_mine(active_id)  # taken over: not one more epoch logged
+            checkpoints.after_epoch(state)
+
+        fit(state, config, splits, runtime, after_epoch)
+        ownership.ensure_mine(active_id)
         checkpoints.upload_last()
         # Test predictions are analysis-grade: fp32 unless bf16 was asked for explicitly.
         _log_final(state, config, splits["test"], runtime_of(config.runtime, for_analysis=True))

@@ -1,0 +1,198 @@
+"""Claims on a run by real processes: each PID 1 in its own PID namespace (as containers sharing a
+volume are), one MLflow store; two resumes of one train run; a heartbeat across a tracking
+server's outage and a takeover on the far side of it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from prunecxr import tracking
+from prunecxr.processes import is_locked
+from prunecxr.stages.kernel import Stage, open_stage
+from prunecxr.stages.train import run_training
+from prunecxr.tracking import ownership
+from prunecxr.tracking.ownership import HEARTBEAT_TAG, OWNER_TAG, RunTakenOver
+from tests.helpers import MlflowServer, cli_env, kill, spawn_prunecxr, tiny_config, wait_for
+
+needs_unshare = pytest.mark.skipif(
+    shutil.which("unshare") is None or os.geteuid() != 0,
+    reason="needs unshare(1) and root for a PID namespace per process",
+)
+
+# One process's claim on a run: holds it for argv[2] seconds, starting at $START_AT if set.
+CLAIMER = """
+import os, sys, time
+from prunecxr import PrunecxrError
+from prunecxr.processes import process_id
+from prunecxr.tracking import ownership
+ownership.CLAIM_SETTLE_SECONDS = 1.0
+time.sleep(max(0.0, float(os.environ.get("START_AT", 0)) - time.time()))
+try:
+    with ownership.claimed(sys.argv[1], "sweep"):
+        print(f"claimed by pid {os.getpid()} as {process_id()}", flush=True)
+        time.sleep(float(sys.argv[2]))
+except PrunecxrError as error:
+    sys.exit(str(error))
+"""
+
+
+@pytest.fixture
+def run_id(mlflow_store) -> str:
+    tracking.use_experiment("prunecxr")
+    experiment_id = mlflow.get_experiment_by_name("prunecxr").experiment_id
+    return MlflowClient().create_run(experiment_id).info.run_id
+
+
+def _claimer(run_id: str, hold: float, tmp: Path, **env: str) -> subprocess.Popen:
+    """CLAIMER as PID 1 of a PID namespace of its own; `tmp` is its temporary folder (shared:
+    one machine; its own: another container). Killing the returned process kills it."""
+    tmp.mkdir(exist_ok=True)
+    command = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+    command += [sys.executable, "-c", CLAIMER, run_id, str(hold)]
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(TMPDIR=str(tmp), **env),
+    )
+
+
+def _claimed_line(process: subprocess.Popen) -> str:
+    line = process.stdout.readline()
+    assert line.startswith("claimed by pid 1 as "), (line, process.stderr.read())
+    return line.split(" as ")[1].strip()
+
+
+@needs_unshare
+@pytest.mark.parametrize("machine", ["same", "other"])
+def test_two_pid1_processes_on_one_run_one_is_refused(run_id, tmp_path, machine):
+    """Both are `host:1`; the second is refused whether it sees the first's lock (same machine)
+    or only its heartbeat (another container: its own temporary folder)."""
+    first = _claimer(run_id, 60, tmp_path / "tmp-a")
+    try:
+        owner = _claimed_line(first)
+        second = _claimer(run_id, 0, tmp_path / ("tmp-a" if machine == "same" else "tmp-b"))
+        _, error = second.communicate(timeout=120)
+        assert second.returncode == 1
+        assert f"sweep {run_id} is already running (process {owner}" in error
+        assert MlflowClient().get_run(run_id).data.tags[OWNER_TAG] == owner
+    finally:
+        kill(first)
+
+
+@needs_unshare
+def test_a_killed_owner_is_known_dead_at_once_here_and_by_its_heartbeat_elsewhere(run_id, tmp_path):
+    first = _claimer(run_id, 60, tmp_path / "tmp-a")
+    owner = _claimed_line(first)
+    kill(first)  # SIGKILL: its heartbeat is fresh, its lock is gone
+    elsewhere = _claimer(run_id, 0, tmp_path / "tmp-b")
+    _, error = elsewhere.communicate(timeout=120)
+    assert elsewhere.returncode == 1 and f"already running (process {owner}" in error
+    here = _claimer(run_id, 0, tmp_path / "tmp-a")
+    assert _claimed_line(here) != owner
+    assert here.wait(timeout=60) == 0
+
+
+@needs_unshare
+def test_two_claims_at_the_same_moment_one_proceeds(run_id, tmp_path):
+    """Two containers (no shared lock) claim at the same instant: the claim settles on one."""
+    start_at = str(time.time() + 12)  # after both have imported prunecxr
+    claimers = [_claimer(run_id, 3, tmp_path / f"tmp-{i}", START_AT=start_at) for i in (1, 2)]
+    outcomes = [claimer.communicate(timeout=120) for claimer in claimers]
+    codes = sorted(claimer.returncode for claimer in claimers)
+    assert codes == [0, 1], outcomes
+    (refused,) = [error for claimer, (_, error) in zip(claimers, outcomes) if claimer.returncode]
+    assert "at the same moment" in refused or "is already running" in refused
+
+
+def test_two_resumes_of_one_run_one_is_refused_before_loading_data(
+    tiny_nih, cache_dir, tmp_path, mlflow_store
+):
+    tracking.use_experiment("prunecxr")
+    run_id = run_training(tiny_config(tiny_nih, cache_dir, max_epochs=1))
+    resume = ["train", "--resume", run_id, "--max-epochs", "2"]
+    resume += ["--cache-dir", str(tmp_path / "fresh-cache")]  # a resume builds caches anew
+    first = spawn_prunecxr(*resume, log=tmp_path / "first.log")
+    time.sleep(1)
+    second = spawn_prunecxr(*resume, log=tmp_path / "second.log")
+    for process in (first, second):
+        process.wait(timeout=600)
+    logs = {
+        process.returncode: (tmp_path / f"{name}.log").read_text()
+        for name, process in [("first", first), ("second", second)]
+    }
+    assert sorted(logs) == [0, 1], logs
+    assert f"train run {run_id} is already running" in logs[1]
+    assert "caching" in logs[0] and "caching" not in logs[1]  # refused before any cache build
+    steps = [m.step for m in MlflowClient().get_metric_history(run_id, "val_loss")]
+    assert steps == [1, 2]  # one epoch trained again, once
+
+
+def test_the_heartbeat_outlives_an_outage_and_a_takeover_stops_the_owner(tmp_path, monkeypatch):
+    """The server goes away while a sweep runs; on its far side another process takes the run
+    over (its tags written to the server's store). When the server is back, the owner's retried
+    beat finds the takeover within seconds; the owner stops and leaves the run RUNNING."""
+    server = MlflowServer(tmp_path)
+    uri = server.start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    monkeypatch.setattr(ownership, "HEARTBEAT_SECONDS", 6.0)
+    monkeypatch.setattr(ownership, "RETRY_SECONDS", 0.2)
+    tracking.use_experiment("prunecxr")
+    rival = {OWNER_TAG: "elsewhere:1:0123456789abcdef", HEARTBEAT_TAG: str(int(time.time()))}
+    try:
+        with pytest.raises(RunTakenOver, match="took over sweep"):
+            with open_stage(Stage("sweep", "sweep", key="outage")) as run_id:
+                claimed_at = time.monotonic()
+                server.stop()
+                store = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'server.db'}")
+                for key, value in rival.items():
+                    store.set_tag(run_id, key, value)
+                time.sleep(max(0.0, claimed_at + 6.5 - time.monotonic()))  # a beat failed
+                server.start()
+                back = time.monotonic()
+                wait_for(lambda: _taken_over(run_id), 30)
+                assert time.monotonic() - back < 2.0  # not a whole HEARTBEAT_SECONDS later
+                ownership.ensure_mine(run_id)
+        run = MlflowClient().get_run(run_id)
+        assert run.info.status == "RUNNING"  # left to its new owner
+        assert {k: run.data.tags[k] for k in rival} == rival  # no heartbeat written over it
+    finally:
+        mlflow.set_tracking_uri(None)
+        server.stop()
+
+
+def _taken_over(run_id: str) -> bool:
+    try:
+        ownership.ensure_mine(run_id)
+    except RunTakenOver:
+        return True
+    return False
+
+
+def test_claims_do_not_outlive_their_process_in_forked_children(run_id, monkeypatch):
+    """A forked child (a cache builder, a data loader worker) left behind by a killed owner
+    must not keep the run's lock: its copy of the descriptor is closed at fork."""
+    monkeypatch.setattr(ownership, "CLAIM_SETTLE_SECONDS", 0.1)
+    with ownership.claimed(run_id, "sweep"):
+        child = os.fork()
+        if child == 0:
+            time.sleep(30)
+            os._exit(0)
+    try:
+        assert not is_locked(ownership._lock_path(run_id))  # the child lives, the lock is free
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
