@@ -1,9 +1,10 @@
 """Checkpoints of a train run: written on this machine after every epoch, uploaded to the run
 when they hold new best weights, every UPLOAD_EVERY_SECONDS and at the end, and read back (the
-newer of the two) to resume it."""
+newer of the two that loads) to resume it."""
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -12,11 +13,13 @@ import torch
 
 from prunecxr import PrunecxrError, tracking
 from prunecxr.fitting import TrainState
+from prunecxr.processes import file_lock, write_durably
 from prunecxr.specs import TrainConfig
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/last.pt"
 LOCAL_CHECKPOINT_TAG = "prunecxr.local_checkpoint"  # where this machine keeps the newest one
+log = logging.getLogger(__name__)
 
 
 def has_checkpoint(run_id: str) -> bool:
@@ -31,25 +34,40 @@ def checkpoint_config(checkpoint: dict) -> TrainConfig:
 
 def fetch_checkpoint(run_id: str) -> dict:
     """The run's latest checkpoint: the one kept on this machine if it is newer than the one
-    uploaded to the run (uploads are rate-limited, see Checkpoints), or the only one readable."""
+    uploaded to the run (uploads are rate-limited, see Checkpoints), or the only one that loads
+    (a copy that does not, half-written or damaged, is passed over with a warning)."""
     if tracking.stage_of(tracking.get_run(run_id)) != "train":
         raise PrunecxrError(f"run {run_id} is not a train run; --resume takes a train run id")
     local = Path(tracking.get_run(run_id).data.tags.get(LOCAL_CHECKPOINT_TAG, "/nonexistent"))
-    kept = torch.load(local, map_location="cpu", weights_only=True) if local.is_file() else None
+    kept = _load(local, str(local)) if local.is_file() else None
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = tracking.download_artifact(run_id, CHECKPOINT_ARTIFACT, Path(tmp))
-            uploaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (PrunecxrError, OSError, RuntimeError):
+            uploaded = _load(path, f"runs:/{run_id}/{CHECKPOINT_ARTIFACT}")
+    except (PrunecxrError, OSError):
         if kept is None:
             raise
-        return kept
-    return kept if kept is not None and kept["epoch"] > uploaded["epoch"] else uploaded
+        uploaded = None
+    loaded = [checkpoint for checkpoint in (uploaded, kept) if checkpoint is not None]
+    if not loaded:
+        raise PrunecxrError(f"no checkpoint of run {run_id} loads (the warnings above say why)")
+    return max(loaded, key=lambda checkpoint: checkpoint["epoch"])  # a tie: the uploaded one
+
+
+def _load(path: Path, name: str) -> dict | None:
+    """The checkpoint in `path` (called `name`), or None with a warning when it does not load."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, garbage, not a checkpoint: whatever torch says
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        log.warning("the checkpoint %s does not load (%s): not used", name, reason)
+        return None
 
 
 class Checkpoints:
-    """After every epoch: metrics logged, the checkpoint written on this machine (to a temporary
-    name, then renamed: a kill never leaves half a file). It is uploaded to the run only when
+    """After every epoch: metrics logged, the checkpoint written on this machine (durably, to a
+    unique temporary name, then renamed, holding `last.pt.lock`: a kill or a power loss never
+    leaves half a file, two writers never mix). It is uploaded to the run only when
     it holds new best weights or the last upload is UPLOAD_EVERY_SECONDS old, and at the end:
     a ResNet50 checkpoint is ~380 MB, too much to send every epoch."""
 
@@ -67,10 +85,10 @@ class Checkpoints:
         tracking.log_metrics(
             {k: v for k, v in row.items() if k not in ("epoch", "seconds")}, step=row["epoch"]
         )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
-        torch.save(state.checkpoint(self.config), partial)
-        partial.replace(self.path)
+        checkpoint = state.checkpoint(self.config)
+        # Whole or not at all, even after a power loss; one writer at a time.
+        with file_lock(self.path.with_name(self.path.name + ".lock")):
+            write_durably(self.path, lambda partial: torch.save(checkpoint, partial))
         self.pending = True
         stale = time.monotonic() - self.uploaded_at >= self.UPLOAD_EVERY_SECONDS
         if state.epochs_since_best == 0 or stale:
