@@ -17,9 +17,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from prunecxr import tracking
+from prunecxr.data import get_schema
+from prunecxr.fitting import create_state
 from prunecxr.processes import is_locked
+from prunecxr.runtime import resolve_runtime
+from prunecxr.stages.checkpoints import Checkpoints
 from prunecxr.stages.kernel import Stage, open_stage
-from prunecxr.stages.train import run_training
 from prunecxr.tracking import ownership
 from prunecxr.tracking.ownership import HEARTBEAT_TAG, OWNER_TAG, RunTakenOver
 from tests.helpers import MlflowServer, cli_env, kill, spawn_prunecxr, tiny_config, wait_for
@@ -120,23 +123,34 @@ def test_two_resumes_of_one_run_one_is_refused_before_loading_data(
     tiny_nih, cache_dir, tmp_path, mlflow_store
 ):
     tracking.use_experiment("prunecxr")
-    run_id = run_training(tiny_config(tiny_nih, cache_dir, max_epochs=1))
+    run_id = _train_run_with_a_checkpoint(tiny_config(tiny_nih, cache_dir))
     resume = ["train", "--resume", run_id, "--max-epochs", "2"]
     resume += ["--cache-dir", str(tmp_path / "fresh-cache")]  # a resume builds caches anew
-    first = spawn_prunecxr(*resume, log=tmp_path / "first.log")
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    processes = [spawn_prunecxr(*resume, log=logs[0])]
     time.sleep(1)
-    second = spawn_prunecxr(*resume, log=tmp_path / "second.log")
-    for process in (first, second):
-        process.wait(timeout=600)
-    logs = {
-        process.returncode: (tmp_path / f"{name}.log").read_text()
-        for name, process in [("first", first), ("second", second)]
-    }
-    assert sorted(logs) == [0, 1], logs
-    assert f"train run {run_id} is already running" in logs[1]
-    assert "caching" in logs[0] and "caching" not in logs[1]  # refused before any cache build
-    steps = [m.step for m in MlflowClient().get_metric_history(run_id, "val_loss")]
-    assert steps == [1, 2]  # one epoch trained again, once
+    processes.append(spawn_prunecxr(*resume, log=logs[1]))
+    try:
+        wait_for(lambda: any(p.poll() is not None for p in processes), 300)
+        refused = next(i for i, p in enumerate(processes) if p.poll() is not None)
+        winner = 1 - refused
+        assert processes[refused].returncode == 1, logs[refused].read_text()
+        assert f"train run {run_id} is already running" in logs[refused].read_text()
+        wait_for(lambda: "caching" in logs[winner].read_text(), 300, processes[winner])
+        assert "caching" not in logs[refused].read_text()  # refused before any cache build
+    finally:
+        for process in processes:
+            kill(process)
+
+
+def _train_run_with_a_checkpoint(config) -> str:
+    """A train run whose uploaded checkpoint is that of its first epoch (without training)."""
+    state = create_state(config, len(get_schema("nih-cxr-lt").classes), resolve_runtime("cpu"))
+    state.epoch, state.epochs_since_best = 1, 0
+    state.history = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_mAUC": 0.5}]
+    with tracking.start_run("train") as run_id:
+        Checkpoints(run_id, config).after_epoch(state)
+    return run_id
 
 
 def test_the_heartbeat_outlives_an_outage_and_a_takeover_stops_the_owner(tmp_path, monkeypatch):
