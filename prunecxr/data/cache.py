@@ -244,14 +244,17 @@ def _read_listing(listing: Path) -> dict[Path, str] | None:
         return {Path(record["path"]): record["reason"] for record in records}
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, TypeError) as error:
-        log.warning("%s is unreadable (%s); finding the bad images again", listing, error)
+    except (ValueError, KeyError, TypeError) as error:  # edited by hand: not trusted
+        log.warning(
+            "%s is unreadable (%s); removing it, the images are checked again", listing, error
+        )
+        listing.unlink(missing_ok=True)
         return None
 
 
+_MISSING = "missing"
 # (path, size, mtime, inode) -> what is wrong with that cache (None: nothing), so that a
 # process reads a cache through only once however many times it loads it.
-_MISSING = "missing"
 _CHECKED: dict[tuple[str, int, int, int], str | None] = {}
 
 
@@ -276,7 +279,10 @@ def _check_against_checksums(path: Path, size: int) -> str | None:
     sums = _checksum_path(path)
     try:
         expected = json.loads(sums.read_text())
-        written, chunks = int(expected["size"]), list(expected["sha256"])
+        written, chunk_bytes = int(expected["size"]), int(expected["chunk_bytes"])
+        chunks = list(expected["sha256"])
+        if len(chunks) != -(-written // chunk_bytes):
+            raise ValueError(f"{len(chunks)} checksums for {written} bytes")
     except FileNotFoundError:
         return (
             f"it has no checksum file {sums.name}: it was built before caches had one, when "
@@ -286,15 +292,16 @@ def _check_against_checksums(path: Path, size: int) -> str | None:
         return f"its checksum file {sums.name} is unreadable ({error})"
     if size != written:
         return f"{size} bytes where {written} were written (truncated or overwritten)"
-    for index, (actual, wanted) in enumerate(zip(_chunk_checksums(path, size), chunks)):
+    for index, (actual, wanted) in enumerate(zip(_chunk_checksums(path, chunk_bytes), chunks)):
         if actual != wanted:
-            start = index * CHUNK_BYTES
-            return f"bytes {start}-{min(start + CHUNK_BYTES, size) - 1} differ from its checksum"
+            start = index * chunk_bytes
+            return f"bytes {start}-{min(start + chunk_bytes, size) - 1} differ from its checksum"
     return None
 
 
-def _chunk_checksums(path: Path, size: int):
-    """SHA-256 of each CHUNK_BYTES of the file, read in turn (a bar for large files)."""
+def _chunk_checksums(path: Path, chunk_bytes: int = CHUNK_BYTES):
+    """SHA-256 of each `chunk_bytes` of the file, read in turn (a bar for large files)."""
+    size = path.stat().st_size
     bar = tqdm(
         total=size,
         unit="B",
@@ -303,7 +310,7 @@ def _chunk_checksums(path: Path, size: int):
         disable=size < PROGRESS_BYTES,
     )
     with open(path, "rb") as file, bar:
-        while chunk := file.read(CHUNK_BYTES):
+        while chunk := file.read(chunk_bytes):
             bar.update(len(chunk))
             yield hashlib.sha256(chunk).hexdigest()
 
@@ -433,16 +440,19 @@ def _build_cache(
         del array
         if not bad:
             fsync_file(partial)
-            size = partial.stat().st_size
-            sums = {"size": size, "chunk_bytes": CHUNK_BYTES}
-            sums["sha256"] = list(_chunk_checksums(partial, size))
-            write_durably(_checksum_path(path), json.dumps(sums))
+            _write_checksums(partial, _checksum_path(path))  # before the cache: never without
             partial.replace(path)
             fsync_dir(path.parent)
             _CHECKED[_identity(path)] = None  # just checksummed: not read through again
         return bad
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _write_checksums(cache: Path, checksums: Path) -> None:
+    size, hashes = cache.stat().st_size, list(_chunk_checksums(cache))
+    sums = {"size": size, "chunk_bytes": CHUNK_BYTES, "sha256": hashes}
+    write_durably(checksums, json.dumps(sums))
 
 
 def _decode_into(array, image_paths: list[Path], decode, num_workers: int, name: str):
