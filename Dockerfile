@@ -1,6 +1,8 @@
 # prunecxr on a CUDA-enabled PyTorch runtime image (docs/docker.md).
 #   docker build -t prunecxr .
-#   docker run --rm --gpus all --user "$(id -u):$(id -g)" -v "$PWD/outputs:/outputs" prunecxr study
+#   docker run --rm --init --gpus all --user "$(id -u):$(id -g)" -v "$PWD/outputs:/outputs" prunecxr study
+# (--init: an init as PID 1 passes `docker stop`'s SIGTERM on; prunecxr handles it either way,
+# ending its run as KILLED.)
 # BASE_IMAGE must provide `python` (3.11, as the pins in docker/requirements.txt were made with)
 # with torch and torchvision in pyproject.toml's ranges; CI builds on a local stand-in
 # (ci/docker/standins.sh) because it cannot pull from public registries.

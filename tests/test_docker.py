@@ -11,8 +11,10 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import PROJECT_ROOT, free_port, wait_until_ok
+from tests.helpers import PROJECT_ROOT, free_port, wait_for, wait_until_ok
 
 IMAGE = "prunecxr:ci"
 TINY_STUDY = (
@@ -149,6 +151,46 @@ def test_image_study_and_mlflow_run_log_to_host_tracking_server(images, mlflow_s
     assert new[0].data.metrics["achieved_sparsity"] == pytest.approx(0.5, abs=0.001)
 
 
+def container_state(name: str) -> str:
+    return run("docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name).stdout
+
+
+def test_docker_stop_ends_the_training_run_killed_within_seconds(
+    images, mlflow_server, tiny_nih, tmp_path
+):
+    outputs = host_user_outputs(tmp_path)
+    shutil.copytree(tiny_nih, outputs / "data")
+    for path in [outputs / "data", *(outputs / "data").rglob("*")]:
+        os.chown(path, 4321, 4321)
+    name = f"prunecxr-stop-{os.getpid()}"
+    docker_run = ["docker", "run", "-d", "--init", "--name", name, "--network", "host"]
+    docker_run += ["--user", HOST_USER, "-v", f"{outputs}:/outputs", "-e", "OMP_NUM_THREADS=1"]
+    docker_run += ["-e", f"MLFLOW_TRACKING_URI={mlflow_server}", IMAGE, "train"]
+    docker_run += ["--data-dir", "/outputs/data", "--arch", "resnet18", "--image-size", "32"]
+    docker_run += ["--device", "cpu", "--max-epochs", "1000", "--patience", "1000"]
+    started = run(*docker_run, "--experiment", "docker-stop")
+    assert started.returncode == 0, started.stderr
+    client = MlflowClient(mlflow_server)
+    try:
+
+        def training() -> bool:  # an epoch logged: the run is in the middle of its work
+            assert container_state(name).startswith("running"), run("docker", "logs", name).stderr
+            experiment = client.get_experiment_by_name("docker-stop")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            return bool(runs) and bool(runs[0].data.metrics)
+
+        wait_for(training, timeout=300)
+        before = time.monotonic()
+        assert run("docker", "stop", name).returncode == 0
+        stopping = time.monotonic() - before
+        assert container_state(name).split() == ["exited", "143"]
+        assert stopping < 8, stopping  # SIGTERM handled: not killed after docker's 10 s
+    finally:
+        run("docker", "rm", "-f", name)
+    (train,) = client.search_runs([client.get_experiment_by_name("docker-stop").experiment_id])
+    assert train.info.status == "KILLED"
+
+
 @dataclass
 class Stack:
     url: str
@@ -156,20 +198,30 @@ class Stack:
     env: dict[str, str]
     admin_password: str
     trainer_password: str
-    db_password: str
+    db_password: str  # MLflow's role
+    db_superuser_password: str
+    secret_key: str
+
+
+ENV_FILES = {  # the env file's name (.env.NAME.example) -> the compose variable that names it
+    "db": "DB_ENV_FILE",
+    "db-role": "DB_ROLE_ENV_FILE",
+    "tracking": "TRACKING_ENV_FILE",
+    "trainer": "TRAINER_ENV_FILE",
+}
 
 
 def env_files(folder: Path, **secrets_: str) -> dict[str, str]:
-    """The two env files from their examples, each placeholder replaced as given; -> the
-    compose variables that point at them."""
-    paths = {}
-    for name in ("tracking", "trainer"):
+    """The env files from their examples, each placeholder replaced as given (db_password:
+    change-me-db-password); -> the compose variables that point at them."""
+    variables = {}
+    for name, variable in ENV_FILES.items():
         text = (PROJECT_ROOT / f".env.{name}.example").read_text()
         for placeholder, value in secrets_.items():
             text = text.replace(f"change-me-{placeholder.replace('_', '-')}", value)
-        paths[name] = folder / f"env.{name}"
-        paths[name].write_text(text)
-    return {"TRACKING_ENV_FILE": str(paths["tracking"]), "TRAINER_ENV_FILE": str(paths["trainer"])}
+        (folder / f"env.{name}").write_text(text)
+        variables[variable] = str(folder / f"env.{name}")
+    return variables
 
 
 def stack_env(files: dict[str, str]) -> dict[str, str]:
@@ -188,13 +240,15 @@ def stack(images, tmp_path_factory):
     """`docker compose up tracking` with fresh credentials, shared by this module's compose
     tests (each looks only at its own experiment); torn down, volumes too, afterwards."""
     tmp_path = tmp_path_factory.mktemp("stack")
-    admin, trainer, db = (secrets.token_hex(12) for _ in range(3))
+    admin, trainer, db, superuser = (secrets.token_hex(12) for _ in range(4))
+    secret_key = secrets.token_hex(32)
     files = env_files(
         tmp_path,
         admin_password=admin,
         trainer_password=trainer,
         db_password=db,
-        secret_key=secrets.token_hex(32),
+        db_superuser_password=superuser,
+        secret_key=secret_key,
     )
     env = stack_env(files)
     project = f"prunecxr-test-{os.getpid()}"
@@ -204,7 +258,7 @@ def stack(images, tmp_path_factory):
         assert up.returncode == 0, up.stderr
         url = f"http://127.0.0.1:{env['TRACKING_PORT']}"
         wait_until_healthy(url, compose, env)
-        yield Stack(url, compose, env, admin, trainer, db)
+        yield Stack(url, compose, env, admin, trainer, db, superuser, secret_key)
     finally:
         run(*compose, "down", "--volumes", "--remove-orphans", env=env)
 
@@ -254,7 +308,7 @@ def test_compose_stack_tracks_runs_in_postgres_behind_basic_auth(stack, monkeypa
         "db",
         "sh",
         "-c",
-        'psql -U "$POSTGRES_USER" -d "$POSTGRES_DB" -tAc "SELECT count(*) FROM runs JOIN '
+        'psql -U postgres -d "$MLFLOW_DB_NAME" -tAc "SELECT count(*) FROM runs JOIN '
         "experiments USING (experiment_id) WHERE experiments.name = 'prunecxr'\"",
         env=stack.env,
     )
@@ -280,10 +334,16 @@ def test_compose_trainers_see_no_server_secret_and_no_command_line_shows_one(sta
     )
     assert env.returncode == 0, env.stderr
     assert "MLFLOW_TRACKING_USERNAME=trainer" in env.stdout
-    for secret in (stack.db_password, stack.admin_password):
+    for secret in (
+        stack.db_password,
+        stack.db_superuser_password,
+        stack.admin_password,
+        stack.secret_key,
+    ):
         assert secret not in env.stdout
-    for name in ("POSTGRES_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET"):
+    for name in ("POSTGRES_PASSWORD", "MLFLOW_DB_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD"):
         assert name not in env.stdout
+    assert "MLFLOW_FLASK_SERVER_SECRET" not in env.stdout
     # The host sees every container's processes: none has a password in its command line.
     command_lines = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
@@ -293,6 +353,75 @@ def test_compose_trainers_see_no_server_secret_and_no_command_line_shows_one(sta
     assert any(line.startswith("postgres -D") for line in command_lines)  # the stack's are there
     for line in command_lines:
         assert stack.db_password not in line and stack.admin_password not in line, line
+
+
+def compose_exec(stack: Stack, service: str, *command: str) -> str:
+    result = run(*stack.compose, "exec", "-T", service, *command, env=stack.env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+PROBE = """import socket, sys
+for host in sys.argv[1:]:
+    try:
+        socket.create_connection((host, 5432), timeout=3).close()
+        print(host, "reached")
+    except OSError as error:
+        print(host, "unreachable:", type(error).__name__)
+"""
+
+
+def test_compose_db_is_reached_only_by_tracking_as_a_role_owning_only_its_databases(stack):
+    # MLflow's role: no superuser, no CREATEDB/CREATEROLE; it owns MLflow's two databases only.
+    psql = ("psql", "-U", "postgres", "-d", "postgres", "-tAc")
+    role = compose_exec(
+        stack,
+        "db",
+        *psql,
+        "SELECT rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname = 'mlflow'",
+    )
+    assert role.split() == ["f|f|f"]
+    owned = compose_exec(
+        stack,
+        "db",
+        *psql,
+        "SELECT string_agg(datname, ',' ORDER BY datname) FROM pg_database "
+        "WHERE datdba = 'mlflow'::regrole",
+    )
+    assert owned.split() == ["mlflow,mlflow_auth"]
+    # db is on an internal network only tracking joins: the trainers cannot even resolve it,
+    # nor reach its address; tracking can. The superuser cannot log in over the network.
+    db_id = run(*stack.compose, "ps", "-q", "db", env=stack.env).stdout.strip()
+    address = run(
+        "docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", db_id
+    ).stdout.strip()
+    from_trainer = run(
+        *stack.compose,
+        *("run", "--rm", "--no-deps", "--entrypoint", "python", "prunecxr-cpu", "-c", PROBE),
+        *("db", address),
+        env=stack.env,
+    )
+    assert from_trainer.returncode == 0, from_trainer.stderr
+    assert [line.split(":")[0] for line in from_trainer.stdout.splitlines()] == [
+        "db unreachable",
+        f"{address} unreachable",
+    ]
+    assert compose_exec(stack, "tracking", "python", "-c", PROBE, "db").split() == ["db", "reached"]
+    superuser = run(
+        *stack.compose,
+        *("exec", "-T", "-e", f"PASSWORD={stack.db_superuser_password}", "tracking", "python"),
+        "-c",
+        "import os, psycopg; psycopg.connect(host='db', user='postgres', dbname='postgres', "
+        "password=os.environ['PASSWORD'])",
+        env=stack.env,
+    )
+    assert superuser.returncode != 0 and "pg_hba.conf rejects connection" in superuser.stderr
+    # Each container holds its own secrets only.
+    db_env = compose_exec(stack, "db", "env")
+    assert stack.db_superuser_password in db_env and stack.db_password in db_env
+    for secret in (stack.admin_password, stack.secret_key, stack.trainer_password):
+        assert secret not in db_env
+    assert stack.db_superuser_password not in compose_exec(stack, "tracking", "env")
 
 
 def test_compose_stack_takes_a_sweep_logged_from_several_processes_at_once(stack, tmp_path):
@@ -318,10 +447,18 @@ def test_compose_tracking_server_refuses_placeholder_and_short_secrets(images, t
     compose += ["-f", str(PROJECT_ROOT / "docker-compose.yml")]
     env = os.environ
     cases = {  # what the env files hold -> what the error names
-        "placeholders": ({}, "POSTGRES_PASSWORD is still the example's placeholder"),
+        "placeholders": ({}, "MLFLOW_DB_PASSWORD is still the example's placeholder"),
         "short": (
             dict(admin_password="short", trainer_password="a" * 16, db_password="b" * 16),
             "MLFLOW_AUTH_ADMIN_PASSWORD is shorter than 12 characters",
+        ),
+        "known default": (
+            dict(admin_password="Password1234", trainer_password="a" * 16, db_password="b" * 16),
+            "MLFLOW_AUTH_ADMIN_PASSWORD is a well-known default password",
+        ),
+        "admin as trainer": (
+            dict(admin_password="a" * 16, trainer_password="a" * 16, db_password="b" * 16),
+            "MLFLOW_AUTH_ADMIN_PASSWORD is the same as MLFLOW_TRACKING_PASSWORD",
         ),
     }
     try:
@@ -332,6 +469,8 @@ def test_compose_tracking_server_refuses_placeholder_and_short_secrets(images, t
             started = run(*compose, "run", "--rm", "--no-deps", "tracking", env=env)
             assert started.returncode != 0, name
             assert "error: refusing to start: " in started.stderr and says in started.stderr
+            errors = [line for line in started.stderr.splitlines() if "error:" in line]
+            assert len(errors) == 1, started.stderr  # one line, whatever was wrong
     finally:
         run(*compose, "down", "--volumes", "--remove-orphans", env=env)
 
@@ -347,11 +486,8 @@ def api_get(url: str, path: str, credentials: tuple[str, str]) -> dict:
 
 
 def test_compose_file_reserves_gpus_and_binds_the_ui_to_localhost():
-    env = {
-        **os.environ,
-        "TRACKING_ENV_FILE": str(PROJECT_ROOT / ".env.tracking.example"),
-        "TRAINER_ENV_FILE": str(PROJECT_ROOT / ".env.trainer.example"),
-    }
+    examples = {variable: f".env.{name}.example" for name, variable in ENV_FILES.items()}
+    env = {**os.environ, **{key: str(PROJECT_ROOT / path) for key, path in examples.items()}}
     config = run(
         *compose_command(), "-f", str(PROJECT_ROOT / "docker-compose.yml"), "config", env=env
     )
@@ -368,3 +504,9 @@ def test_compose_file_reserves_gpus_and_binds_the_ui_to_localhost():
     published = port if isinstance(port, str) else f"{port['host_ip']}:{port['published']}"
     assert published.startswith("127.0.0.1:5000")
     assert services["tracking"]["depends_on"]["db"]["condition"] == "service_healthy"
+    # SIGTERM reaches the trainers and the server through an init; db only on its network.
+    assert all(services[name]["init"] for name in ("prunecxr", "prunecxr-cpu", "tracking"))
+    assert set(services["db"]["networks"]) == {"db"}
+    assert set(services["tracking"]["networks"]) == {"db", "default"}
+    assert "networks" not in services["prunecxr"] or "db" not in services["prunecxr"]["networks"]
+    assert yaml.safe_load(config.stdout)["networks"]["db"]["internal"] is True
