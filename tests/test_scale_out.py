@@ -1,10 +1,12 @@
 """Scale out for real: a Ray cluster of two nodes on loopback addresses (a head and a worker
-node, as `ray start` makes them on two machines) against a real `mlflow server`; a node killed
-in the middle of a sweep."""
+node, as `ray start` makes them on two machines, with token authentication) against a real
+`mlflow server`; a node killed in the middle of a sweep; a driver and a node without the token
+refused."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -32,8 +34,9 @@ from tests.helpers import (
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"  # Ray turns 127.0.0.1 into the outward address
-RAY_ENV = {
-    "RAY_AUTH_MODE": "disabled",  # the tests' nodes and drivers: see docs/scale-out.md
+RAY_ENV = {  # every node and driver of the tests' cluster (docs/scale-out.md)
+    "RAY_AUTH_MODE": "token",
+    "RAY_AUTH_TOKEN": secrets.token_hex(32),  # this test session's cluster's own
     "RAY_USAGE_STATS_ENABLED": "0",
     # A lost node is declared dead after 3 missed 1-second health checks (default: 5 x 3 s).
     "RAY_health_check_period_ms": "1000",
@@ -41,11 +44,16 @@ RAY_ENV = {
 }
 
 
-def _ray(*args: str) -> None:
+def _ray(*args: str, **env: str) -> subprocess.CompletedProcess:
     ray = Path(sys.executable).parent / "ray"
-    result = subprocess.run(
-        [str(ray), *args], capture_output=True, text=True, env=cli_env(**RAY_ENV), timeout=120
+    environment = cli_env(**{**RAY_ENV, **env})
+    return subprocess.run(
+        [str(ray), *args], capture_output=True, text=True, env=environment, timeout=120
     )
+
+
+def _ray_ok(*args: str) -> None:
+    result = _ray(*args)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -91,7 +99,7 @@ def _kill(pids: set[int]) -> None:
 
 
 def _start_worker_node(address: str) -> None:
-    _ray("start", "--address", address, "--node-ip-address", WORKER_IP, "--num-cpus", "1")
+    _ray_ok("start", "--address", address, "--node-ip-address", WORKER_IP, "--num-cpus", "1")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +109,7 @@ def ray_cluster():
     address = f"{HEAD_IP}:{free_port()}"
     before = _ray_pids()
     try:
-        _ray(
+        _ray_ok(
             "start",
             "--head",
             "--node-ip-address",
@@ -258,3 +266,33 @@ def test_train_seeds_run_as_ray_tasks_one_train_run_each_and_continue(
     ]
     assert lines[0] == lines[1] and len(lines[0]) == 2
     assert len(mlflow.search_runs(experiment_names=["seeds"], output_format="list")) == 2
+
+
+# Strangers to the cluster give up after 2 connection attempts, not Ray's 20 (seconds).
+STRANGER = {"RAY_gcs_server_port_wait_time_s": "2"}
+
+
+def test_a_driver_or_a_node_without_the_clusters_token_is_refused(
+    ray_cluster, tiny_nih, cache_dir, server_store
+):
+    command = ["train", *tiny_cli_options(tiny_nih, cache_dir), "--max-epochs", "1"]
+    command += ["--experiment", "stranger", "--seeds", "2", "--executor", "ray"]
+    # A driver without a token (authentication off, as Ray's default is).
+    no_token = {**RAY_ENV, "RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": "", **STRANGER}
+    driver = prunecxr(*command, "--ray-address", ray_cluster, **no_token)
+    assert driver.returncode == 1, driver.stderr[-3000:]
+    last_line = driver.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: cannot connect to the Ray cluster at {ray_cluster}")
+    runs = mlflow.search_runs(experiment_names=["stranger"], output_format="list")
+    assert not [run for run in runs if run.info.status == "FINISHED"]
+    # A node with another token.
+    node = _ray(
+        *("start", "--address", ray_cluster, "--node-ip-address", "127.0.0.4", "--num-cpus", "1"),
+        RAY_AUTH_TOKEN=secrets.token_hex(32),
+        **STRANGER,
+    )
+    assert node.returncode != 0
+    assert (
+        "InvalidAuthToken: Authentication token is missing or incorrect"
+        in node.stdout + node.stderr
+    )
