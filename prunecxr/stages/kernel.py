@@ -8,8 +8,9 @@ and ends (docs/ARCHITECTURE.md, "The stage kernel").
    underneath is marked KILLED), else a new run starts, nested under its parent, and is
    claimed at once. The owner tag is this process's random id (processes.process_id()), kept
    alive by a heartbeat until the run has ended.
-3. Check at safe points: a process whose run another took over (after a long tracking outage)
-   stops there (ownership.ensure_mine).
+3. Own: the owner tag and its heartbeat say a live process works on the run, so a second one
+   is refused; a process whose run another took over (after a long tracking outage) stops at
+   its stage's next safe point (ownership.ensure_mine).
 4. A new run gets its key tag and its params.
 5. The stage's work runs inside; the run ends with it (FINISHED, or FAILED/KILLED on an error).
 """
