@@ -136,12 +136,19 @@ def connect_ray(address: str | None):
         try:
             # Workers' output stays in the cluster's logs; errors come back as exceptions.
             ray.init(address=address, log_to_driver=False, configure_logging=False)
-        except (ConnectionError, RuntimeError) as error:
+        except (ConnectionError, RuntimeError, _ray_auth_error(ray)) as error:
             raise PrunecxrError(
-                f"cannot connect to the Ray cluster at {address}: {error}"
+                f"cannot connect to the Ray cluster at {address}: {error} (a cluster with "
+                f"RAY_AUTH_MODE=token needs its token here too: RAY_AUTH_TOKEN or "
+                f"~/.ray/auth_token)"
             ) from None
         log.info("Ray: %s", address or "a local instance")
     return ray
+
+
+def _ray_auth_error(ray) -> type[Exception]:
+    """Ray's refusal of a missing or wrong token (Ray 2.52 and later)."""
+    return getattr(ray.exceptions, "AuthenticationError", RuntimeError)
 
 
 def check_readable(*paths: str) -> None:

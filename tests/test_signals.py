@@ -70,3 +70,16 @@ def test_sigterm_ends_a_pid_1_training_with_its_run_killed_and_exit_code_143(
     (run,) = _training_runs("sigterm")
     assert run.info.status == "KILLED"
     assert log.read_text().rstrip().endswith("terminated (SIGTERM)")
+
+
+def test_an_interrupted_sweep_and_its_study_end_killed_not_failed(mlflow_store):
+    """SIGTERM reaches the stages as KeyboardInterrupt (cli.main); every run open around the
+    work ends KILLED, which MLflow's own context would mark FAILED."""
+    from prunecxr import tracking
+
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.start_run("study", run_name="study") as study_id:
+            with tracking.start_run("sweep", run_name="sweep") as sweep_id:
+                raise KeyboardInterrupt
+    statuses = [mlflow.get_run(run_id).info.status for run_id in (study_id, sweep_id)]
+    assert statuses == ["KILLED", "KILLED"]

@@ -112,11 +112,17 @@ def start_run(
         log_system_metrics=system_metrics,
     ) as run:
         mlflow.set_tag(STAGE_TAG, stage)
-        if keep_while_away is None:
-            yield run.info.run_id
-        else:
-            with _kept_while_away(run.info.run_id, keep_while_away):
+        try:
+            if keep_while_away is None:
                 yield run.info.run_id
+            else:
+                with _kept_while_away(run.info.run_id, keep_while_away):
+                    yield run.info.run_id
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (cli): KILLED, where MLflow says FAILED
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == run.info.run_id:
+                mlflow.end_run("KILLED")
+            raise
 
 
 @dataclass(frozen=True)
