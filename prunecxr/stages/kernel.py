@@ -18,11 +18,14 @@ and ends (docs/ARCHITECTURE.md, "The stage kernel").
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prunecxr import tracking
 from prunecxr.tracking import ownership
+
+log = logging.getLogger(__name__)
 
 # The tag that holds each stage's key (the names runs have always had).
 KEY_TAGS = {
@@ -98,6 +101,7 @@ def open_stage(stage: Stage, continued_run_id: str | None = None) -> Iterator[st
     with contextlib.ExitStack() as claim:
         if continued_run_id is not None:
             claim.enter_context(ownership.claimed(continued_run_id, stage.described))
+            log.info("continuing %s %s", stage.described, continued_run_id)
         with tracking.start_run(
             stage.name,
             run_name=stage.run_name,

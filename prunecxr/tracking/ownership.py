@@ -98,7 +98,6 @@ def claimed(run_id: str, what: str, *, contested: bool = True) -> Iterator[None]
     try:
         if contested:
             end_unfinished_children(run_id, still_alive=is_alive)
-            log.info("continuing %s %s", what, run_id)
         yield
     finally:
         _release(run_id, claim)
@@ -110,9 +109,9 @@ def ensure_mine(run_id: str | None) -> None:
     claim = _claims.get(run_id) if run_id else None
     if claim is not None and claim.lost_to is not None:
         raise RunTakenOver(
-            f"process {claim.lost_to} took over {claim.what} {run_id} while this process could "
-            f"not reach the tracking server (its heartbeat went stale after {STALE_SECONDS:.0f} "
-            f"s); this process stops here and leaves the run to it"
+            f"process {claim.lost_to} took over {claim.what} {run_id} (this process's heartbeat "
+            f"had not reached the tracking server for {STALE_SECONDS:.0f} s, or both claimed it "
+            f"at once); this process stops here and leaves the run to it"
         )
 
 
@@ -162,8 +161,11 @@ def _claim(run_id: str, what: str, contested: bool) -> _Claim:
 def _release(run_id: str, claim: _Claim) -> None:
     with _lock:
         _claims.pop(run_id, None)
-    with contextlib.suppress(Exception):  # a server away now: the beat's finding stands
-        _check_owner(run_id, claim)
+    # A server away now (a run whose end is kept for `prunecxr upload`): the beat's finding
+    # stands; asking would hold this process in MLflow's retries for minutes.
+    if server_answers(mlflow.get_tracking_uri()):
+        with contextlib.suppress(Exception):
+            _check_owner(run_id, claim)
     _unlock(claim.lock_fd)
     if claim.lost_to is not None:
         _leave_to_new_owner(run_id, claim)
