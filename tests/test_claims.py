@@ -35,14 +35,17 @@ needs_unshare = pytest.mark.skipif(
     reason="needs unshare(1) and root for a PID namespace per process",
 )
 
-# One process's claim on a run: holds it for argv[2] seconds, starting at $START_AT if set.
+# One process's claim on a run: holds it for argv[2] seconds.
 CLAIMER = """
 import os, sys, time
-from prunecxr import PrunecxrError
+from prunecxr import PrunecxrError, tracking
 from prunecxr.processes import process_id
 from prunecxr.tracking import ownership
 ownership.CLAIM_SETTLE_SECONDS = 1.0
-time.sleep(max(0.0, float(os.environ.get("START_AT", 0)) - time.time()))
+if os.environ.get("WAIT_FOR_START"):  # the Unix time to claim at, on stdin
+    tracking.get_run(sys.argv[1])  # the store opened: both claims start at the same instant
+    print("ready", flush=True)
+    time.sleep(max(0.0, float(sys.stdin.readline()) - time.time()))
 try:
     with ownership.claimed(sys.argv[1], "sweep"):
         print(f"claimed by pid {os.getpid()} as {process_id()}", flush=True)
@@ -67,6 +70,7 @@ def _claimer(run_id: str, hold: float, tmp: Path, **env: str) -> subprocess.Pope
     command += [sys.executable, "-c", CLAIMER, run_id, str(hold)]
     return subprocess.Popen(
         command,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -113,9 +117,16 @@ def test_a_killed_owner_is_known_dead_at_once_here_and_by_its_heartbeat_elsewher
 @needs_unshare
 def test_two_claims_at_the_same_moment_one_proceeds(run_id, tmp_path):
     """Two containers (no shared lock) claim at the same instant: the claim settles on one."""
-    start_at = str(time.time() + 12)  # after both have imported prunecxr
-    claimers = [_claimer(run_id, 3, tmp_path / f"tmp-{i}", START_AT=start_at) for i in (1, 2)]
-    outcomes = [claimer.communicate(timeout=120) for claimer in claimers]
+    claimers = [_claimer(run_id, 3, tmp_path / f"tmp-{i}", WAIT_FOR_START="1") for i in (1, 2)]
+    for claimer in claimers:
+        assert claimer.stdout.readline() == "ready\n"
+    start_at = f"{time.time() + 0.5}\n"
+    for claimer in claimers:
+        claimer.stdin.write(start_at)
+        claimer.stdin.close()
+    for claimer in claimers:
+        claimer.wait(timeout=120)
+    outcomes = [(claimer.stdout.read(), claimer.stderr.read()) for claimer in claimers]
     codes = sorted(claimer.returncode for claimer in claimers)
     assert codes == [0, 1], outcomes
     (refused,) = [error for claimer, (_, error) in zip(claimers, outcomes) if claimer.returncode]
