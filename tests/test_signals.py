@@ -77,6 +77,7 @@ def test_an_interrupted_sweep_and_its_study_end_killed_not_failed(mlflow_store):
     work ends KILLED, which MLflow's own context would mark FAILED."""
     from prunecxr import tracking
 
+    mlflow.set_experiment("interrupted")  # this store's (an earlier test may have set another)
     with pytest.raises(KeyboardInterrupt):
         with tracking.start_run("study", run_name="study") as study_id:
             with tracking.start_run("sweep", run_name="sweep") as sweep_id:

@@ -28,7 +28,9 @@ def _runs(stage: str) -> pd.DataFrame:
 
 def _train_checkpointed(seed: str) -> bool:
     runs = _runs("train")
-    mine = runs[runs["params.seed"] == seed] if len(runs) else runs
+    if "params.seed" not in runs:  # a run tagged an instant before its params are logged
+        return False
+    mine = runs[runs["params.seed"] == seed]
     return any(tracking.has_artifact(run_id, "checkpoints/last.pt") for run_id in mine.run_id)
 
 

@@ -153,30 +153,51 @@ def _kept_while_away(run_id: str, keep: KeepWhileAway) -> Iterator[None]:
     folder = Path(keep.root) / run_id
     perform = functools.partial(_perform, rebuild_model=keep.rebuild_model)
     _outbox = box = Outbox(folder, run_id, uri, perform, server_answers)
-    status, failed = "FINISHED", False
+    status, failed, taken_over = "FINISHED", False, False
     # A call the server drops midway fails in seconds and is kept, instead of MLflow's retries
     # holding the training for minutes (7 retries, backoff up to 2 minutes).
     with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1"):
         try:
             yield
         except BaseException as error:
+            taken_over = _taken_over(error)
             status, failed = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", True
             raise
         finally:
             _outbox = None
-            if box.waiting():
-                log.warning("waiting up to %.0f s for the server %s", OUTAGE_WAIT_SECONDS, uri)
-            sent = box.wait(OUTAGE_WAIT_SECONDS)
-            if not (_end_run(status, uri) and sent):  # ended in this process either way
-                box.keep({"kind": "end", "status": status})
-                message = (
-                    f"the tracking server {uri} went away during run {run_id} and has not come "
-                    f"back: what the run logged since is kept in {folder}; when the server is "
-                    f"back, send it with: prunecxr upload {folder}"
+            if taken_over:  # its new owner redoes the work: nothing more is sent or ended
+                log.warning(
+                    "run %s was taken over by another process: what this process kept while "
+                    "the server was away stays in %s, not sent",
+                    run_id,
+                    folder,
                 )
-                if not failed:
-                    raise PrunecxrError(message)
-                log.error(message)
+            else:
+                _send_or_leave(box, status, failed, uri, run_id, folder)
+
+
+def _taken_over(error: BaseException) -> bool:
+    from prunecxr.tracking.ownership import RunTakenOver  # ownership logs through this module
+
+    return isinstance(error, RunTakenOver)
+
+
+def _send_or_leave(box: Outbox, status: str, failed: bool, uri: str, run_id: str, folder) -> None:
+    """At the run's end: send what was kept and end the run, or leave both for `prunecxr
+    upload` when the server stays away."""
+    if box.waiting():
+        log.warning("waiting up to %.0f s for the server %s", OUTAGE_WAIT_SECONDS, uri)
+    sent = box.wait(OUTAGE_WAIT_SECONDS)
+    if not (_end_run(status, uri) and sent):  # ended in this process either way
+        box.keep({"kind": "end", "status": status})
+        message = (
+            f"the tracking server {uri} went away during run {run_id} and has not come "
+            f"back: what the run logged since is kept in {folder}; when the server is "
+            f"back, send it with: prunecxr upload {folder}"
+        )
+        if not failed:
+            raise PrunecxrError(message)
+        log.error(message)
 
 
 def _end_run(status: str, uri: str) -> bool:
