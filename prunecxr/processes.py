@@ -1,7 +1,6 @@
 """What many processes sharing a machine or a folder need (containers on one volume, pods,
-Ray workers, `torchrun` ranks): who this process is, whether a process lives, advisory file
-locks, and writes that a crash or power loss never leaves half done (docs/ARCHITECTURE.md,
-"Many processes")."""
+Ray workers, `torchrun` ranks): who this process is, advisory file locks, and writes that a
+crash or power loss never leaves half done (docs/ARCHITECTURE.md, "Many processes")."""
 
 from __future__ import annotations
 
@@ -35,18 +34,6 @@ os.register_at_fork(after_in_child=_renew_process_id)  # a forked worker is anot
 def process_id() -> str:
     """This process's identity: `host:pid:random`, new in every process (forks included)."""
     return PROCESS_ID
-
-
-def process_alive(pid: int) -> bool:
-    """Whether `pid` exists in this PID namespace (only meaningful for this process's own
-    children or with a shared PID namespace; ownership uses identities and locks instead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 @contextlib.contextmanager
