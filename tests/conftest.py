@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -87,3 +88,12 @@ def server_store(mlflow_server, tmp_path, monkeypatch) -> str:
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def prunecxr_warnings(caplog):
+    """prunecxr's warnings (the CLI may have stopped them from reaching the root logger)."""
+    notes = logging.getLogger("prunecxr")
+    notes.addHandler(caplog.handler)
+    yield caplog
+    notes.removeHandler(caplog.handler)

@@ -4,7 +4,6 @@ other way round."""
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 
@@ -29,15 +28,6 @@ pytestmark = pytest.mark.slow
 NIH = get_schema("nih-cxr-lt")
 
 
-@pytest.fixture
-def warnings(caplog):
-    """prunecxr's warnings (the CLI may have stopped them from reaching the root logger)."""
-    notes = logging.getLogger("prunecxr")
-    notes.addHandler(caplog.handler)
-    yield caplog
-    notes.removeHandler(caplog.handler)
-
-
 def _one_epoch(config, run_id: str) -> tuple[Checkpoints, TrainState]:
     """Epoch 1 of a run: a new best, so its checkpoint is written here and uploaded."""
     state = create_state(config, len(NIH.classes), resolve_runtime("cpu"))
@@ -49,7 +39,7 @@ def _one_epoch(config, run_id: str) -> tuple[Checkpoints, TrainState]:
 
 
 def test_a_half_written_local_checkpoint_resumes_from_the_uploaded_one(
-    tiny_nih, cache_dir, mlflow_store, warnings
+    tiny_nih, cache_dir, mlflow_store, prunecxr_warnings
 ):
     tracking.use_experiment("prunecxr")
     with tracking.start_run("train") as run_id:
@@ -59,14 +49,14 @@ def test_a_half_written_local_checkpoint_resumes_from_the_uploaded_one(
     keeper.path.write_bytes(whole[: len(whole) // 2])
 
     assert resume_training(run_id, max_epochs=2) == run_id
-    assert f"the checkpoint {keeper.path.resolve()} does not load (" in warnings.text
+    assert f"the checkpoint {keeper.path.resolve()} does not load (" in prunecxr_warnings.text
     steps = [m.step for m in MlflowClient().get_metric_history(run_id, "val_loss")]
     assert steps == [1, 2]  # epoch 1 from the uploaded copy, epoch 2 trained on
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
 
 
 def test_a_damaged_upload_resumes_from_the_local_one_and_none_is_an_error(
-    tiny_nih, cache_dir, mlflow_store, tmp_path, warnings
+    tiny_nih, cache_dir, mlflow_store, tmp_path, prunecxr_warnings
 ):
     tracking.use_experiment("prunecxr")
     config = tiny_config(tiny_nih, cache_dir)
@@ -77,7 +67,7 @@ def test_a_damaged_upload_resumes_from_the_local_one_and_none_is_an_error(
         tracking.log_file(garbage, "checkpoints")  # the upload damaged
         assert fetch_checkpoint(run_id)["epoch"] == 1  # the local one
         assert f"the checkpoint runs:/{run_id}/{CHECKPOINT_ARTIFACT} does not load (" in (
-            warnings.text
+            prunecxr_warnings.text
         )
         keeper.path.write_bytes(keeper.path.read_bytes()[:100])  # and now the local one too
         with pytest.raises(PrunecxrError, match=f"no checkpoint of run {run_id} loads"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import subprocess
 import sys
 import threading
@@ -38,15 +37,6 @@ def server(mlflow_server, monkeypatch):
 def run_id(server, tmp_path) -> str:
     client = MlflowClient(server)
     return client.create_run(client.create_experiment(f"outbox-{tmp_path.name}")).info.run_id
-
-
-@pytest.fixture
-def warnings(caplog):
-    """prunecxr's warnings (the CLI may have stopped them from reaching the root logger)."""
-    notes = logging.getLogger("prunecxr")
-    notes.addHandler(caplog.handler)
-    yield caplog
-    notes.removeHandler(caplog.handler)
 
 
 def _outbox(folder, run_id: str, uri: str) -> Outbox:
@@ -89,7 +79,7 @@ def test_a_lost_answer_adds_no_point_retried_or_replayed(server, tmp_path, monke
 
 
 def test_a_torn_last_line_is_left_out_with_a_warning_and_the_rest_sent(
-    server, run_id, tmp_path, warnings
+    server, run_id, tmp_path, prunecxr_warnings
 ):
     folder = tmp_path / run_id
     box = _outbox(folder, run_id, server)
@@ -101,7 +91,7 @@ def test_a_torn_last_line_is_left_out_with_a_warning_and_the_rest_sent(
 
     assert tracking.upload_kept(folder, rebuild_model, server) == (run_id, 3)
     assert f"{records} line 4 is cut short (a crash while it was written): left out" in (
-        warnings.text
+        prunecxr_warnings.text
     )
     assert _points(server, run_id) == [
         (step, 1 / step, 1_700_000_000_000 + 1000 * step) for step in (1, 2, 3)
@@ -109,7 +99,7 @@ def test_a_torn_last_line_is_left_out_with_a_warning_and_the_rest_sent(
     assert not folder.exists()
 
 
-def test_keeping_after_a_torn_line_first_drops_it(run_id, tmp_path, warnings):
+def test_keeping_after_a_torn_line_first_drops_it(run_id, tmp_path, prunecxr_warnings):
     folder = tmp_path / run_id
     box = _outbox(folder, run_id, "http://127.0.0.1:9")
     box.keep(_metrics(1))
