@@ -9,10 +9,13 @@ Measures, on synthetic chest X-rays it writes as PNG files (full size: 1024 x 10
    prune, a fresh DataLoader decoding every file, fp32);
 3. structured pruning at 0.5/0.7/0.9: MACs, parameters and measured speed-up against dense;
 4. bf16 against fp32 evaluation: the largest per-class AP difference.
-Writes one JSON; `--tables` prints docs/PERFORMANCE.md's GPU section from one. On the CPU it
-runs at small sizes (`--small`), which is how CI keeps it from rotting.
+Writes one JSON, saved again after every section (a run cut short by a time limit still leaves
+what it measured: `complete` is false and `errors` names a section that failed); `--tables`
+prints docs/PERFORMANCE.md's GPU section from one, "not measured" where a section is missing.
+On the CPU it runs at small sizes (`--small`), which is how CI keeps it from rotting
+(`ci/gpu_check.sh --device cpu --small`).
 
-    python bench/gpu.py --out gpu.json                # a CUDA machine, full size, < 8 minutes
+    python bench/gpu.py --out gpu.json                # a CUDA machine, full size, < 6 minutes
     python bench/gpu.py --small --out small.json      # any machine, tiny sizes
     python bench/gpu.py --tables gpu.json             # markdown for docs/PERFORMANCE.md
 """
@@ -54,12 +57,12 @@ SIZES = {
         "arch": "resnet50",
         "source_size": 1024,
         "image_size": 256,
-        "files": 768,
+        "files": 384,  # 1024 px PNGs are slow to write; the original decodes them twice as often
         "batch_size": 256,
         "train_images": 10_240,  # the decoded files repeated: steady state, not warm-up
         "test_images": 8_192,
         "workers": 12,
-        "original_epochs": 2,
+        "original_epochs": 4,
     },
     "small": {
         "arch": "resnet18",
@@ -265,11 +268,37 @@ def _nvidia_driver() -> str:
         return "unknown"
 
 
-def run(args) -> dict:
+def run(args, save=lambda result: None) -> dict:
+    """Every section in turn; `save(result)` after each, so that a run cut short keeps them."""
     size = SIZES["small" if args.small else "full"]
     runtime = resolve_runtime(args.device)  # training: the device's fast path
     analysis = resolve_runtime(args.device, for_analysis=True)  # sweep cells: fp32
     started = time.perf_counter()
+    result = {
+        **_describe(runtime),
+        "size": "small" if args.small else "full",
+        "settings": dict(size),
+        "training_runtime": runtime.describe(),
+        "sweep_runtime": analysis.describe(),
+        "complete": False,
+        "errors": {},
+    }
+
+    def section(name: str, measure, keep: bool = True) -> object:
+        """measure() (kept as result[name]), then saved; a failure is noted under its name and
+        the next section runs."""
+        try:
+            value = measure()
+        except Exception as error:  # the other sections' numbers still count
+            result["errors"][name] = f"{type(error).__name__}: {error}"
+            value = None
+        else:
+            if keep:
+                result[name] = value
+        result["seconds"] = time.perf_counter() - started
+        save(result)
+        return value
+
     with tempfile.TemporaryDirectory(prefix="prunecxr-gpu-bench-") as scratch:
         root = Path(scratch)
         splits = {"train": 8, "val": 8, "test": size["files"]}
@@ -289,79 +318,121 @@ def run(args) -> dict:
             cache_dir=root / "cache",
             num_workers=size["workers"],
         )
-        cache_seconds = time.perf_counter() - built
-        ours = train_ours(split, size, runtime)
-        original = train_original(paths, split.labels, size, runtime.device)
-        checkpoint = root / "dense.pt"
-        torch.save(ours["model"].state_dict(), checkpoint)
-        sweep = sweep_ours(ours["model"], split, data, size, analysis)
-        sweep["original_images_per_s"] = sweep_original(checkpoint, paths, size, runtime.device)
-        result = {
-            **_describe(runtime),
-            "size": "small" if args.small else "full",
-            "settings": {k: v for k, v in size.items()},
-            "training_runtime": runtime.describe(),
-            "sweep_runtime": analysis.describe(),
-            "cache_build_images_per_s": len(paths) / cache_seconds,
-            "train": {
-                "prunecxr_images_per_s": ours["images_per_s"],
-                "prunecxr_first_epoch_s": ours["first_epoch_s"],
-                "original_images_per_s": original,
-                "speedup": ours["images_per_s"] / original,
-            },
-            "sweep": sweep,
-            "structured": structured(ours["model"], split, size, analysis),
-            "precision": precision(ours["model"], split, size, args.device),
+        result["cache_build_images_per_s"] = len(paths) / (time.perf_counter() - built)
+        ours = section("train", lambda: train_ours(split, size, runtime), keep=False)
+        if ours is None:
+            return result
+        result["train"] = {
+            "prunecxr_images_per_s": ours["images_per_s"],
+            "prunecxr_first_epoch_s": ours["first_epoch_s"],
         }
+        save(result)
+        section("sweep", lambda: sweep_ours(ours["model"], split, data, size, analysis))
+        section("structured", lambda: structured(ours["model"], split, size, analysis))
+        section("precision", lambda: precision(ours["model"], split, size, args.device))
+        # The original pipeline last: the slowest part, and only the denominator of the ratios.
+        original = section(
+            "train_original",
+            lambda: train_original(paths, split.labels, size, runtime.device),
+            keep=False,
+        )
+        if original is not None:
+            result["train"]["original_images_per_s"] = original
+            result["train"]["speedup"] = ours["images_per_s"] / original
+            save(result)
+        if "sweep" in result:
+            checkpoint = root / "dense.pt"
+            torch.save(ours["model"].state_dict(), checkpoint)
+            rate = section(
+                "sweep_original",
+                lambda: sweep_original(checkpoint, paths, size, runtime.device),
+                keep=False,
+            )
+            if rate is not None:
+                result["sweep"]["original_images_per_s"] = rate
+                save(result)
+    result["complete"] = not result["errors"]
     result["seconds"] = time.perf_counter() - started
+    save(result)
     return result
 
 
+NOT_MEASURED = "not measured"
+
+
+def _rate(value) -> str:
+    return NOT_MEASURED if value is None else f"{value:,.0f}"
+
+
+def _ratio(ours, original) -> str:
+    return NOT_MEASURED if ours is None or original is None else f"{ours / original:.1f}x"
+
+
 def tables(result: dict) -> str:
-    """docs/PERFORMANCE.md's section for one benchmark run."""
-    train, sweep = result["train"], result["sweep"]
-    cell = float(np.median([row["cell_images_per_s"] for row in sweep["cells"]]))
+    """docs/PERFORMANCE.md's section for one benchmark run (complete or cut short)."""
+    train, sweep = result.get("train", {}), result.get("sweep", {})
+    cells = [row["cell_images_per_s"] for row in sweep.get("cells", [])]
+    cell = float(np.median(cells)) if cells else None
+    ours_train, original_train = (
+        train.get("prunecxr_images_per_s"),
+        train.get("original_images_per_s"),
+    )
+    original_sweep = sweep.get("original_images_per_s")
+    seconds = result.get("seconds", 0.0)
+    state = "whole benchmark" if result.get("complete", True) else "cut short after"
     lines = [
         f"Card: {result['card']}; driver {result.get('driver', '-')}; torch {result['torch']}"
         f"{'; CUDA ' + result['cuda'] if result.get('cuda') else ''}; size `{result['size']}` "
         f"({result['settings']['arch']}, {result['settings']['source_size']} px PNGs, "
         f"{result['settings']['image_size']} px input, batch {result['settings']['batch_size']}); "
-        f"whole benchmark {result['seconds']:.0f} s.",
+        f"{state} {seconds:.0f} s.",
         "",
         "| what | prunecxr | original pipeline | ratio |",
         "| --- | --- | --- | --- |",
-        f"| training, images/s | {train['prunecxr_images_per_s']:,.0f} | "
-        f"{train['original_images_per_s']:,.0f} | {train['speedup']:.1f}x |",
-        f"| sweep cell (L1, median of 3), images/s | {cell:,.0f} | "
-        f"{sweep['original_images_per_s']:,.0f} | {cell / sweep['original_images_per_s']:.1f}x |",
+        f"| training, images/s | {_rate(ours_train)} | {_rate(original_train)} | "
+        f"{_ratio(ours_train, original_train)} |",
+        f"| sweep cell (L1, median of 3), images/s | {_rate(cell)} | {_rate(original_sweep)} | "
+        f"{_ratio(cell, original_sweep)} |",
         "",
-        f"First training epoch (compile + warm-up): {train['prunecxr_first_epoch_s']:.1f} s; "
-        f"first sweep cell: {sweep['first_cell_s']:.1f} s; "
-        f"cache build: {result['cache_build_images_per_s']:,.0f} images/s.",
-        "",
-        "| L1 sparsity | whole cell, images/s | evaluation only, images/s | latency, batch 1 (ms) |",
-        "| --- | --- | --- | --- |",
     ]
-    for row in sweep["cells"]:
+    if train:
         lines.append(
-            f"| {row['sparsity']:g} | {row['cell_images_per_s']:,.0f} | "
-            f"{row['eval_images_per_s']:,.0f} | {row['latency_ms_batch1']:.2f} |"
+            f"First training epoch (compile + warm-up): {train['prunecxr_first_epoch_s']:.1f} s."
         )
-    lines += [
-        "",
-        "| structured sparsity | MACs | parameters | MAC reduction | measured speed-up |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for row in result["structured"]:
-        lines.append(
-            f"| {row['sparsity']:g} | {row['macs'] / 1e9:.3f} G | {row['params'] / 1e6:.2f} M | "
-            f"{row['mac_reduction']:.2f}x | {row['speedup']:.2f}x |"
-        )
-    lines += [
-        "",
-        f"bf16 against fp32 evaluation: largest per-class AP difference "
-        f"{result['precision']['max_abs_ap_difference']:.4f}.",
-    ]
+    if sweep:
+        lines.append(f"First sweep cell: {sweep['first_cell_s']:.1f} s.")
+    if "cache_build_images_per_s" in result:
+        lines.append(f"Cache build: {result['cache_build_images_per_s']:,.0f} images/s.")
+    if sweep:
+        lines += [
+            "",
+            "| L1 sparsity | whole cell, images/s | evaluation only, images/s | latency, batch 1 (ms) |",
+            "| --- | --- | --- | --- |",
+        ]
+        for row in sweep["cells"]:
+            lines.append(
+                f"| {row['sparsity']:g} | {row['cell_images_per_s']:,.0f} | "
+                f"{row['eval_images_per_s']:,.0f} | {row['latency_ms_batch1']:.2f} |"
+            )
+    if "structured" in result:
+        lines += [
+            "",
+            "| structured sparsity | MACs | parameters | MAC reduction | measured speed-up |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for row in result["structured"]:
+            lines.append(
+                f"| {row['sparsity']:g} | {row['macs'] / 1e9:.3f} G | {row['params'] / 1e6:.2f} M | "
+                f"{row['mac_reduction']:.2f}x | {row['speedup']:.2f}x |"
+            )
+    if "precision" in result:
+        lines += [
+            "",
+            f"bf16 against fp32 evaluation: largest per-class AP difference "
+            f"{result['precision']['max_abs_ap_difference']:.4f}.",
+        ]
+    for name, error in result.get("errors", {}).items():
+        lines += ["", f"Section `{name}` failed: {error}"]
     return "\n".join(lines) + "\n"
 
 
@@ -375,11 +446,18 @@ def main() -> None:
     if args.tables:
         sys.stdout.write(tables(json.loads(Path(args.tables).read_text())))
         return
-    result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    result = run(args, save=lambda result: _save(result, args.out))
+    print(json.dumps(result, indent=2))
+    if result["errors"]:
+        sys.exit(1)
+
+
+def _save(result: dict, out: str | None) -> None:
+    """The result so far, replacing the file whole (a reader never sees half of it)."""
+    if out:
+        partial = Path(out).with_suffix(".partial")
+        partial.write_text(json.dumps(result, indent=2) + "\n")
+        partial.replace(out)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ import pytest
 from prunecxr.data import get_schema
 from prunecxr.data.synthetic import write_synthetic
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "sweep_throughput.py"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+BENCH = PROJECT_ROOT / "bench" / "sweep_throughput.py"
 
 
 @pytest.mark.slow
@@ -77,15 +79,24 @@ def test_precision_benchmark_reports_each_way(tmp_path):
     assert ways["bf16"]["most_ties_in_a_class"] > ways["fp32"]["most_ties_in_a_class"]
 
 
+def _gpu_check(out: Path, seconds: int = 540) -> subprocess.CompletedProcess:
+    """ci/gpu_check.sh as the device run calls it, at tiny sizes on the CPU."""
+    script = PROJECT_ROOT / "ci" / "gpu_check.sh"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    env["PRUNECXR_GPU_CHECK_SECONDS"] = str(seconds)
+    command = ["bash", str(script), "--device", "cpu", "--small"]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=seconds + 60)
+
+
 @pytest.mark.slow
-def test_gpu_benchmark_runs_small_on_the_cpu_and_makes_the_docs_tables(tmp_path):
-    """bench/gpu.py at its small size on the CPU (on a GPU: full size, docs/PERFORMANCE.md)."""
-    script, out = BENCH.parent / "gpu.py", tmp_path / "small.json"
-    command = [sys.executable, str(script), "--small", "--device", "cpu", "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-2000:]
-    numbers = json.loads(out.read_text())
+def test_gpu_check_runs_small_on_the_cpu_and_makes_the_docs_tables(tmp_path):
+    """ci/gpu_check.sh (bench/gpu.py, then the gpu tests) at its small size on the CPU (on a
+    GPU: full size, docs/PERFORMANCE.md)."""
+    result = _gpu_check(tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + (tmp_path / "bench.txt").read_text()
+    numbers = json.loads((tmp_path / "gpu.json").read_text())
     assert numbers["card"].startswith("CPU") and numbers["size"] == "small"
+    assert numbers["complete"] and numbers["errors"] == {}
     train = numbers["train"]
     assert train["speedup"] == pytest.approx(
         train["prunecxr_images_per_s"] / train["original_images_per_s"]
@@ -95,8 +106,18 @@ def test_gpu_benchmark_runs_small_on_the_cpu_and_makes_the_docs_tables(tmp_path)
     assert [row["sparsity"] for row in structured] == [0.0, 0.5, 0.7, 0.9]
     assert all(a["macs"] > b["macs"] for a, b in zip(structured, structured[1:]))
     assert 0 <= numbers["precision"]["max_abs_ap_difference"] < 1
-    tables = subprocess.run(
-        [sys.executable, str(script), "--tables", str(out)], capture_output=True, text=True
-    )
-    assert tables.returncode == 0, tables.stderr[-2000:]
-    assert "| training, images/s |" in tables.stdout and "| 0.9 |" in tables.stdout
+    tables = (tmp_path / "gpu-tables.md").read_text()
+    assert "| training, images/s |" in tables and "| 0.9 |" in tables
+    assert "gpu tests: exit 0" in result.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_cut_short_still_returns_what_it_measured(tmp_path):
+    """A time limit that stops the benchmark midway: its JSON and tables are there, marked
+    incomplete, and the script fails."""
+    result = _gpu_check(tmp_path, seconds=75)  # the benchmark gets 15 s: it cannot finish
+    assert result.returncode != 0
+    assert "bench/gpu.py: exit 124" in result.stdout
+    numbers = json.loads((tmp_path / "gpu.json").read_text())
+    assert numbers["complete"] is False and "cache_build_images_per_s" in numbers
+    assert "cut short after" in (tmp_path / "gpu-tables.md").read_text()
