@@ -299,6 +299,7 @@ def run(args, save=lambda result: None) -> dict:
         save(result)
         return value
 
+    save(result)  # the card and settings, even if nothing else gets measured
     with tempfile.TemporaryDirectory(prefix="prunecxr-gpu-bench-") as scratch:
         root = Path(scratch)
         splits = {"train": 8, "val": 8, "test": size["files"]}

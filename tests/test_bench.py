@@ -115,9 +115,9 @@ def test_gpu_check_runs_small_on_the_cpu_and_makes_the_docs_tables(tmp_path):
 def test_gpu_check_cut_short_still_returns_what_it_measured(tmp_path):
     """A time limit that stops the benchmark midway: its JSON and tables are there, marked
     incomplete, and the script fails."""
-    result = _gpu_check(tmp_path, seconds=75)  # the benchmark gets 15 s: it cannot finish
+    result = _gpu_check(tmp_path, seconds=85)  # 25 s: less than its 22 s of work + imports
     assert result.returncode != 0
     assert "bench/gpu.py: exit 124" in result.stdout
     numbers = json.loads((tmp_path / "gpu.json").read_text())
-    assert numbers["complete"] is False and "cache_build_images_per_s" in numbers
+    assert numbers["complete"] is False and numbers["card"].startswith("CPU")
     assert "cut short after" in (tmp_path / "gpu-tables.md").read_text()
