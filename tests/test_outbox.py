@@ -24,18 +24,8 @@ from tests.helpers import wait_for
 
 
 @pytest.fixture
-def server(mlflow_server, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    mlflow.set_tracking_uri(mlflow_server)
-    yield mlflow_server
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-
-
-@pytest.fixture
-def run_id(server, tmp_path) -> str:
-    client = MlflowClient(server)
+def run_id(server_store, tmp_path) -> str:
+    client = MlflowClient(server_store)
     return client.create_run(client.create_experiment(f"outbox-{tmp_path.name}")).info.run_id
 
 
@@ -55,10 +45,10 @@ def _points(server: str, run_id: str) -> list[tuple[int, float, int]]:
     return sorted((m.step, m.value, m.timestamp) for m in history)
 
 
-def test_a_lost_answer_adds_no_point_retried_or_replayed(server, tmp_path, monkeypatch):
+def test_a_lost_answer_adds_no_point_retried_or_replayed(server_store, tmp_path, monkeypatch):
     # MLflow's own retries off: the call fails, and the outbox retries or keeps it.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with FaultyProxy(server) as proxy:
+    with FaultyProxy(server_store) as proxy:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.url)
         mlflow.set_tracking_uri(proxy.url)
         tracking.use_experiment(f"lost-{tmp_path.name}")
@@ -72,28 +62,28 @@ def test_a_lost_answer_adds_no_point_retried_or_replayed(server, tmp_path, monke
             assert proxy.lose_answers == 0 and proxy.away  # both answers were lost
             proxy.away = False
             tracking.log_metrics({"loss": 0.25}, step=3)  # kept (calls wait), sent at the end
-    steps = [(step, value) for step, value, _ in _points(server, run_id)]
+    steps = [(step, value) for step, value, _ in _points(server_store, run_id)]
     assert steps == [(1, 1.0), (2, 0.5), (3, 0.25)]  # each once, none lost
-    assert MlflowClient(server).get_run(run_id).info.status == "FINISHED"
+    assert MlflowClient(server_store).get_run(run_id).info.status == "FINISHED"
     assert not (tmp_path / "outbox" / run_id).exists()
 
 
 def test_a_torn_last_line_is_left_out_with_a_warning_and_the_rest_sent(
-    server, run_id, tmp_path, prunecxr_warnings
+    server_store, run_id, tmp_path, prunecxr_warnings
 ):
     folder = tmp_path / run_id
-    box = _outbox(folder, run_id, server)
+    box = _outbox(folder, run_id, server_store)
     for step in (1, 2, 3):
         box.keep(_metrics(step))
     records = folder / "records.jsonl"
     with open(records, "a") as out:  # a crash in the middle of appending the 4th
         out.write('{"kind": "metrics", "metrics": {"loss": 0.2')
 
-    assert tracking.upload_kept(folder, rebuild_model, server) == (run_id, 3)
+    assert tracking.upload_kept(folder, rebuild_model, server_store) == (run_id, 3)
     assert f"{records} line 4 is cut short (a crash while it was written): left out" in (
         prunecxr_warnings.text
     )
-    assert _points(server, run_id) == [
+    assert _points(server_store, run_id) == [
         (step, 1 / step, 1_700_000_000_000 + 1000 * step) for step in (1, 2, 3)
     ]  # with their own timestamps
     assert not folder.exists()
@@ -110,9 +100,11 @@ def test_keeping_after_a_torn_line_first_drops_it(run_id, tmp_path, prunecxr_war
     assert (folder / "records.jsonl").read_text().count("\n") == 2
 
 
-def test_a_torn_line_before_the_last_is_an_error_and_nothing_is_sent(server, run_id, tmp_path):
+def test_a_torn_line_before_the_last_is_an_error_and_nothing_is_sent(
+    server_store, run_id, tmp_path
+):
     folder = tmp_path / run_id
-    box = _outbox(folder, run_id, server)
+    box = _outbox(folder, run_id, server_store)
     box.keep(_metrics(1))
     with open(folder / "records.jsonl", "a") as out:  # not a crash: something else wrote here
         out.write('{"kind": "metrics", "metr\n' + json.dumps({**_metrics(3), "files": {}}) + "\n")
@@ -120,14 +112,16 @@ def test_a_torn_line_before_the_last_is_an_error_and_nothing_is_sent(server, run
     with pytest.raises(
         PrunecxrError, match=f"^{records} line 2 is not a record .*nothing was sent"
     ):
-        tracking.upload_kept(folder, rebuild_model, server)
-    assert _points(server, run_id) == []
+        tracking.upload_kept(folder, rebuild_model, server_store)
+    assert _points(server_store, run_id) == []
     assert records.exists()
 
 
-def test_an_upload_while_another_process_holds_the_folder_is_refused(server, run_id, tmp_path):
+def test_an_upload_while_another_process_holds_the_folder_is_refused(
+    server_store, run_id, tmp_path
+):
     folder = tmp_path / run_id
-    _outbox(folder, run_id, server).keep(_metrics(1))
+    _outbox(folder, run_id, server_store).keep(_metrics(1))
     lock = folder / ".lock"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from prunecxr.processes import file_lock\n"
@@ -136,17 +130,17 @@ def test_an_upload_while_another_process_holds_the_folder_is_refused(server, run
     try:
         wait_for(lambda: is_locked(lock), 30, holder)
         with pytest.raises(PrunecxrError, match=f"another process is writing or sending {folder}"):
-            tracking.upload_kept(folder, rebuild_model, server)
-        assert _points(server, run_id) == []
+            tracking.upload_kept(folder, rebuild_model, server_store)
+        assert _points(server_store, run_id) == []
     finally:
         holder.kill()
         holder.wait()
-    assert tracking.upload_kept(folder, rebuild_model, server) == (run_id, 1)
+    assert tracking.upload_kept(folder, rebuild_model, server_store) == (run_id, 1)
 
 
-def test_a_flush_that_waited_for_an_upload_sends_nothing_twice(server, run_id, tmp_path):
+def test_a_flush_that_waited_for_an_upload_sends_nothing_twice(server_store, run_id, tmp_path):
     folder = tmp_path / run_id
-    with FaultyProxy(server) as proxy:
+    with FaultyProxy(server_store) as proxy:
         run_side = _outbox(folder, run_id, proxy.url)
         for step in (1, 2, 3):
             run_side.keep(_metrics(step))
@@ -161,5 +155,5 @@ def test_a_flush_that_waited_for_an_upload_sends_nothing_twice(server, run_id, t
         assert run_side.sent == 0
         sent = [path for _, path, _ in proxy.requests if path.endswith("/runs/log-batch")]
     assert len(sent) == 3
-    assert [step for step, _, _ in _points(server, run_id)] == [1, 2, 3]
+    assert [step for step, _, _ in _points(server_store, run_id)] == [1, 2, 3]
     assert not folder.exists()
