@@ -25,7 +25,7 @@ from prunecxr.pruning import (
     prune_model,
     zeros_stay_zero,
 )
-from prunecxr.runtime import Runtime, portable_model, standard_layout
+from prunecxr.runtime import Runtime, portable_model
 from prunecxr.specs import CellSettings, DataSpec, Finetune
 
 
@@ -129,6 +129,7 @@ class CellResult:
     probs: np.ndarray  # (N, C) test probabilities
     measures: dict[str, float]  # sparsity reached, parameters, MACs, speed
     model: nn.Module | None = None  # on the CPU, only when the cell logs its model
+    speed_of: str = "this cell"  # whose timing the speed measures are: this cell's or its source's
 
 
 class SourceCells:
@@ -151,12 +152,13 @@ class SourceCells:
         size = source.data.image_size
         self.example = torch.zeros(1, 3, size, size, device=runtime.device)
         self.working = runtime.place_model(copy.deepcopy(source.model)).eval()
-        self.dense = {
-            k: v.detach().clone() for k, v in standard_layout(self.working).state_dict().items()
-        }
+        # In the runtime's layout: loading it back is a plain copy, never a layout change.
+        self.dense = {k: v.detach().clone() for k, v in self.working.state_dict().items()}
         self.total, _ = count_prunable(self.working)
         self.forward = runtime.compiled(self.working)
         self.dense_result: CellResult | None = None
+        # An unstructured cell runs the dense kernels whatever its sparsity: timed once.
+        self.unstructured_speed: dict[str, float] | None = None
 
     def compute(self, method: str, sparsity: float) -> CellResult:
         """The cell's result; `cell_images_per_s` counts everything from the dense weights to
@@ -183,14 +185,14 @@ class SourceCells:
         else:
             model, forward = self._load_dense(), self.forward
             prune_model(model, method, sparsity, example_inputs=self.example, seed=self.source.seed)
-            self.runtime.place_model(model)
+            self.runtime.place_model(model)  # pruned in the standard layout (a no-op if it is)
         if self.finetune.epochs:
             _finetune(model, self.source, self.finetune, self.runtime)
         return self._evaluate(model, forward)
 
     def _load_dense(self) -> nn.Module:
-        standard_layout(self.working).load_state_dict(self.dense)  # copies in place
-        return self.runtime.place_model(self.working)
+        self.working.load_state_dict(self.dense)  # copies in place, in the same layout
+        return self.working
 
     def _evaluate(self, model: nn.Module, forward: nn.Module | None) -> CellResult:
         logits, batch_seconds = device_logits(
@@ -205,18 +207,24 @@ class SourceCells:
             "achieved_sparsity": 1 - nonzero / self.total,
             "nonzero_params": nonzero_parameters(model),
             "macs": count_macs(model, self.example),
-            # Every cell's speed is the plain model's (structured ones are not compiled), so
-            # the evaluation's timings count only where they were of the plain model.
-            **measure_speed(
-                model,
-                self.test,
-                self.runtime,
-                self.settings.batch_size,
-                batch_seconds if forward is None or forward is model else [],
-            ),
+            **self._speed(model, forward, batch_seconds),
         }
         kept = portable_model(copy.deepcopy(model)) if self.settings.log_model else None
-        return CellResult(sigmoid(logits.numpy()), measures, kept)
+        speed_of = "source (dense kernels)" if model is self.working else "this cell"
+        return CellResult(sigmoid(logits.numpy()), measures, kept, speed_of)
+
+    def _speed(self, model: nn.Module, forward, batch_seconds: list[float]) -> dict[str, float]:
+        """The plain model's speed (structured models are not compiled), so the evaluation's
+        timings count only where they were of the plain model; an unstructured cell's is the
+        source's, measured by the first of them."""
+        unstructured = model is self.working
+        if unstructured and self.unstructured_speed is not None:
+            return self.unstructured_speed
+        timed = batch_seconds if forward is None or forward is model else []
+        speed = measure_speed(model, self.test, self.runtime, self.settings.batch_size, timed)
+        if unstructured:
+            self.unstructured_speed = speed
+        return speed
 
 
 def measure_speed(

@@ -38,7 +38,9 @@ def device_logits(
 ) -> tuple[torch.Tensor, list[float]]:
     """-> (logits (N, C) float32 on the CPU, seconds of each full batch's forward pass). Logits
     stay on the device until the pass ends (one copy back, no sync per batch); the forward
-    passes are timed with CUDA events on a GPU. `forward`: the module to call (e.g. compiled)."""
+    passes are timed with CUDA events on a GPU. `forward`: the module to call (e.g. compiled).
+    A compiled runtime pads a short last batch to `batch_size` (images are independent in
+    eval mode): one static shape, one graph for every batch."""
     if not isinstance(images, DeviceImages):
         images = DeviceImages(images, runtime)
     model.eval()
@@ -47,10 +49,13 @@ def device_logits(
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False):
         chunk = images.slice(start, start + batch_size)
+        short = batch_size - len(chunk)
+        if short and runtime.compile:
+            chunk = torch.cat([chunk, chunk.new_zeros((short, *chunk.shape[1:]))])
         batch = runtime.place_batch(normalize(chunk.unsqueeze(1)))
         timer = Stopwatch(runtime) if len(chunk) == batch_size else None
         with runtime.autocast():
-            outputs.append(forward(batch).float())
+            outputs.append(forward(batch)[: batch_size - short].float())
         if timer:
             timers.append(timer.stop())
     logits = torch.cat(outputs).cpu()

@@ -112,7 +112,9 @@ def train_one_epoch(
     device once; losses add up on the device, so a step never waits for the host. `forward`:
     the module to call (the model, or the model compiled). The original `protocol` rotates
     nearest-neighbour and trains epochs after the first in eval mode (BatchNorm statistics
-    frozen: the original code never called train() after its first validation)."""
+    frozen: the original code never called train() after its first validation). A compiled
+    runtime leaves out a last batch smaller than `batch_size` when there is a full one (its
+    images are drawn again in other epochs), so that one compiled graph serves every step."""
     original = protocol == "original"
     state.model.train(not (original and state.epoch > 0))
     forward = state.model if forward is None else forward
@@ -127,6 +129,8 @@ def train_one_epoch(
         for step, index in enumerate(bar):
             span = slice(step * batch_size, step * batch_size + len(index))
             if len(index) < max(2, world):  # BatchNorm cannot train on a single image
+                continue
+            if runtime.compile and len(index) < batch_size <= len(data):  # one static shape
                 continue
             mine = slice(rank, None, world)
             images, targets = data.batch(positions[span][mine], index[mine])

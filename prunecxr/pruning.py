@@ -36,11 +36,18 @@ def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
 def count_prunable(model: nn.Module) -> tuple[int, int]:
     """-> (number of prunable weights, how many of them are non-zero)."""
     weights = [getattr(module, name) for module, name in prunable_weights(model)]
-    return sum(w.numel() for w in weights), sum(int(w.count_nonzero()) for w in weights)
+    return sum(w.numel() for w in weights), _count_nonzero(weights)
 
 
 def nonzero_parameters(model: nn.Module) -> int:
-    return sum(int(p.count_nonzero()) for p in model.parameters())
+    return _count_nonzero(list(model.parameters()))
+
+
+def _count_nonzero(tensors: list[torch.Tensor]) -> int:
+    """Non-zero elements of `tensors`, read from the device once (not once per tensor)."""
+    if not tensors:
+        return 0
+    return int(torch.stack([t.detach().count_nonzero() for t in tensors]).sum())
 
 
 @contextlib.contextmanager
@@ -167,6 +174,15 @@ def prune_model(
 
 
 def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass over `example_inputs` (dense count)."""
-    macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
-    return int(macs)
+    """Multiply-accumulates of one forward pass over `example_inputs` (dense count: zeros
+    count). A dense count depends only on the architecture, the layer shapes and the input
+    shape, so it is counted once per (those) in a process: an unstructured cell's count is its
+    source's, a structured one's that of every seed at that sparsity."""
+    key = (type(model).__name__, _layer_shapes(model), tuple(example_inputs.shape))
+    if key not in _macs:
+        macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
+        _macs[key] = int(macs)
+    return _macs[key]
+
+
+_macs: dict[tuple, int] = {}

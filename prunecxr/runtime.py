@@ -1,7 +1,7 @@
 """Where and how a model runs: the device, the memory layout and the autocast precision.
 
 On CUDA the training defaults are channels_last, bf16 autocast and torch.compile (the fast path
-on Ampere/Hopper); on the CPU, none of them. Evaluation whose predictions feed the analysis (test
+on Ampere/Hopper); on the CPU, none of them. Strict fp32 runs in NCHW on CUDA too. Evaluation whose predictions feed the analysis (test
 metrics, sweep cells) defaults to fp32: bf16 logits tie and reorder images within a class's
 ranking enough to move APs by 0.05 and change PIEs (docs/PRECISION.md). fp32 is strict fp32:
 TF32 tensor-core math is switched off while it runs; tf32 is fp32 with TF32 cuDNN
@@ -99,11 +99,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+# The default layout on CUDA per precision. Tensor-core kernels (bf16, TF32) are written for
+# channels_last; strict fp32 runs on the CUDA cores, where cuDNN's NCHW kernels are expected to
+# be at least as fast, and a layout change per cell is then not needed at all. bench/gpu.py
+# times both layouts for each precision on the card it runs on (docs/PERFORMANCE.md, "Layout").
+CHANNELS_LAST_ON_CUDA = {"bf16": True, "tf32": True, "fp32": False}
+
+
 def runtime_of(
     spec: RuntimeSpec, *, for_analysis: bool = False, protocol: str = "default"
 ) -> Runtime:
-    """Resolve "auto" (and None) per device: on CUDA channels_last + bf16 + compile + the data
-    on the device; on the CPU none of them. `for_analysis`: predictions the analysis
+    """Resolve "auto" (and None) per device: on CUDA bf16 + compile + the data on the device,
+    in the layout of CHANNELS_LAST_ON_CUDA; on the CPU none of them. `for_analysis`: predictions the analysis
     uses, where "auto" precision is fp32 on every device. A training of the original
     `protocol` resolves "auto" precision to tf32 (what PyTorch 1.13 did; no effect on a CPU)."""
     if spec.precision not in PRECISIONS:
@@ -118,9 +125,10 @@ def runtime_of(
     # Fixed input shapes: cuDNN can pick the fastest kernels once (not bit-for-bit repeatable).
     benchmark = on_cuda if spec.cudnn_benchmark is None else spec.cudnn_benchmark
     torch.backends.cudnn.benchmark = benchmark
+    channels_last = on_cuda and CHANNELS_LAST_ON_CUDA[precision]
     return Runtime(
         device,
-        on_cuda if spec.channels_last is None else spec.channels_last,
+        channels_last if spec.channels_last is None else spec.channels_last,
         precision,
         on_cuda if spec.compile is None else spec.compile,
         on_cuda if spec.resident_data is None else spec.resident_data,

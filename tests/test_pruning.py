@@ -168,3 +168,29 @@ def test_random_cells_carry_their_mask_scheme_in_the_key():
     assert Cell(source, "l1", 0.5).key == "r|l1|0.5"
     assert Cell(source, "structured", 0.5).key == "r|structured|0.5"
     assert Cell(source, "random", 0.5).key == "r|random|0.5|masks-per-cell-cpu"
+
+
+@pytest.mark.gpu
+def test_random_masks_are_the_same_on_the_cpu_and_the_gpu(resnet18):
+    on_cpu = prune_model(copy.deepcopy(resnet18), "random", 0.7, example_inputs=None, seed=4)
+    on_gpu = prune_model(copy.deepcopy(resnet18).cuda(), "random", 0.7, example_inputs=None, seed=4)
+    for a, b in zip(on_cpu.parameters(), on_gpu.parameters()):
+        assert torch.equal(a == 0, b.cpu() == 0)
+
+
+def test_macs_are_counted_once_per_architecture_layer_shapes_and_input(resnet18, monkeypatch):
+    """The count depends on shapes only: an unstructured cell's is its source's, so it is not
+    traced again (nor for another seed's model of the same shapes)."""
+    import torch_pruning as tp
+
+    traced = []
+    real = tp.utils.count_ops_and_params
+    monkeypatch.setattr(
+        tp.utils, "count_ops_and_params", lambda *a, **k: traced.append(1) or real(*a, **k)
+    )
+    example = torch.zeros(1, 3, 40, 40)  # a shape no other test counts
+    dense = count_macs(resnet18, example)
+    pruned = prune_model(copy.deepcopy(resnet18), "l1", 0.5, example_inputs=None)
+    assert count_macs(pruned, example) == dense and len(traced) == 1
+    count_macs(resnet18, torch.zeros(1, 3, 48, 48))
+    assert len(traced) == 2

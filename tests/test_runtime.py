@@ -101,3 +101,86 @@ def test_cudnn_benchmark_follows_the_switch():
     assert not torch.backends.cudnn.benchmark
     if torch.cuda.is_available():
         assert resolve_runtime("cuda").cudnn_benchmark
+
+
+def _tiny_state(classes: int = 3):
+    from prunecxr.fitting import TrainState
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(4, classes),
+    )  # fmt: skip
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return TrainState(model, optimizer, torch.Generator().manual_seed(0))
+
+
+class _BatchSizes(torch.nn.Module):
+    """Calls `model` and records the size of every batch it was given."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.sizes = model, []
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(len(batch))
+        return self.model(batch)
+
+
+@pytest.mark.parametrize(("compiled", "sizes"), [(False, [4, 4, 2]), (True, [4, 4])])
+def test_a_compiled_runtime_trains_on_full_batches_only(compiled, sizes):
+    """10 images in batches of 4: the short last batch would be a second compiled graph."""
+    import numpy as np
+
+    from prunecxr.device_data import DeviceImages
+    from prunecxr.fitting import train_one_epoch
+
+    runtime = resolve_runtime("cpu", compile=compiled)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 16, 16), dtype=np.uint8)
+    labels = rng.integers(0, 2, (10, 3)).astype(np.float32)
+    state = _tiny_state()
+    recorder = _BatchSizes(state.model)
+    loss = train_one_epoch(state, DeviceImages(images, runtime, labels), 4, runtime, recorder)
+    assert recorder.sizes == sizes and np.isfinite(loss)
+
+
+@pytest.mark.gpu
+def test_strict_fp32_on_cuda_runs_ieee_math_in_the_standard_layout():
+    """No TF32 in strict fp32: a matmul and a convolution land within fp32's error of fp64
+    (TF32's 10-bit mantissa would be ~1e-3 off); the analysis's layout on CUDA is NCHW."""
+    runtime = resolve_runtime("cuda", for_analysis=True)
+    assert (runtime.precision, runtime.channels_last) == ("fp32", False)
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 512, 512, generator=generator, dtype=torch.float64)
+    images = torch.randn(8, 64, 32, 32, generator=generator, dtype=torch.float64)
+    weight = torch.randn(64, 64, 3, 3, generator=generator, dtype=torch.float64)
+    with runtime.autocast():
+        product = (a.float().cuda() @ b.float().cuda()).double().cpu()
+        conv = torch.nn.functional.conv2d(images.float().cuda(), weight.float().cuda())
+    exact_product, exact_conv = a @ b, torch.nn.functional.conv2d(images, weight)
+    for got, exact in ((product, exact_product), (conv.double().cpu(), exact_conv)):
+        assert ((got - exact).abs().max() / exact.abs().max()).item() < 1e-5
+
+
+@pytest.mark.gpu
+def test_streamed_batches_through_pinned_buffers_equal_the_resident_ones():
+    """The streaming path (two pinned host buffers, asynchronous copies, no wait between
+    batches) serves the same images as the split held on the device, batch after batch."""
+    import numpy as np
+
+    from prunecxr.device_data import DeviceImages
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (300, 64, 64), dtype=np.uint8)
+    labels = rng.integers(0, 2, (300, 3)).astype(np.float32)
+    resident = DeviceImages(images, resolve_runtime("cuda", resident_data=True), labels)
+    streamed = DeviceImages(images, resolve_runtime("cuda", resident_data=False), labels)
+    assert resident.resident and not streamed.resident
+    order = np.sort(rng.permutation(300).reshape(10, 30), axis=1)
+    got = [streamed.batch(torch.from_numpy(i).cuda(), i)[0] for i in order]  # no sync between
+    got += [streamed.slice(start, start + 64) for start in range(0, 300, 64)]
+    want = [resident.batch(torch.from_numpy(i).cuda(), i)[0] for i in order]
+    want += [resident.slice(start, start + 64) for start in range(0, 300, 64)]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

@@ -209,8 +209,9 @@ def test_finetuning_after_unstructured_pruning_keeps_the_sparsity(trained, cache
 
 def test_unstructured_cells_share_one_compiled_graph_and_match_a_fresh_copy():
     """Sweep cells load the dense weights in place into one working model: with --compile, the
-    graphs compiled for the first cell serve every later one (no recompile), and each cell's
-    predictions equal pruning a fresh copy of the model. Sparsity 0 is evaluated once."""
+    one graph compiled for the first cell (a short last batch is padded) serves every later one,
+    and each cell's predictions equal pruning a fresh copy of the model. Sparsity 0 is
+    evaluated once, the source's speed measured once."""
     import copy
 
     import torch._dynamo.utils
@@ -234,11 +235,17 @@ def test_unstructured_cells_share_one_compiled_graph_and_match_a_fresh_copy():
     settings = CellSettings(RuntimeSpec(device="cpu", compile=True), batch_size=4)
     cells = SourceCells(source, DeviceImages(images, runtime), runtime, settings, Finetune())
     counters = torch._dynamo.utils.counters["stats"]
+    before = counters["unique_graphs"]
     first = cells.compute("l1", 0.5)
     graphs = counters["unique_graphs"]
+    assert graphs == before + 1  # 10 images in batches of 4: the last padded, one shape
     later = {(m, k): cells.compute(m, k) for m in ("l1", "random") for k in (0.7, 0.9)}
     assert counters["unique_graphs"] == graphs  # no recompile after the first cell
     assert cells.compute("random", 0.0) is cells.compute("l1", 0.0)  # dense: evaluated once
+    speed = ("latency_ms_batch1", "latency_ms_per_image", "throughput_images_per_s")
+    timings = {tuple(r.measures[k] for k in speed) for r in [first, *later.values()]}
+    assert len(timings) == 1  # dense kernels at every sparsity: the source timed once
+    assert {r.speed_of for r in [first, *later.values()]} == {"source (dense kernels)"}
     eager = resolve_runtime("cpu")
     for (method, sparsity), result in [(("l1", 0.5), first), *later.items()]:
         fresh = prune_model(copy.deepcopy(model), method, sparsity, example_inputs=None, seed=3)

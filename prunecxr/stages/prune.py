@@ -26,6 +26,9 @@ from prunecxr.tracking import ownership
 
 log = logging.getLogger(__name__)
 CELL_TAG = KEY_TAGS["prune"]
+# Whose timing a prune run's speed metrics are: an unstructured cell's are its source's (dense
+# kernels run at the same speed at every sparsity), a structured cell's its own.
+SPEED_TAG = "prunecxr.speed_measured_on"
 
 
 def sweep_key(sources: list[ModelSource], methods: list[str], sparsities: list[float]) -> str:
@@ -71,6 +74,7 @@ class CellRuns:
             tracking.log_label_file(label_file, data.dataset, "test")
             metrics = per_class_metrics(result.probs, test.labels, classes)
             tracking.log_metrics({**summarize(metrics, "test"), **result.measures})
+            tracking.set_tags({SPEED_TAG: result.speed_of})
             tracking.log_table(metrics, "per_class_metrics.csv")
             tracking.log_table(
                 predictions_frame(test.image_ids, result.probs, test.labels, classes),
