@@ -73,10 +73,29 @@ def test_precision_benchmark_reports_each_way(tmp_path):
     command += ["--json", str(tmp_path / "precision.json")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    ways = json.loads((tmp_path / "precision.json").read_text())["ways"]
-    assert ways["fp32"]["max_abs_ap_difference"] == 0.0
-    assert ways["fp32"]["pies_in_common"] == ways["fp32"]["pies"] == int(0.05 * 120)
+    report = json.loads((tmp_path / "precision.json").read_text())
+    assert report["reference"]["precision"] == "fp64"
+    assert report["reference"]["pies"] == int(0.05 * 120)
+    ways = report["ways"]
+    assert list(ways) == ["fp32", "tf32", "bf16", "bf16 body + fp32 head"]
+    classes = list(get_schema("nih-cxr-lt").classes)
+    for way in ways.values():
+        by_class = way["max_abs_ap_difference_by_class"]
+        assert list(by_class) == classes
+        assert way["max_abs_ap_difference"] == max(d for d in by_class.values() if d is not None)
+        assert 0 <= way["pies_in_common"] <= way["pies"] == int(0.05 * 120)
+    # On a CPU tf32 is fp32's math, so it must give fp32's numbers exactly.
+    assert report["tf32_is_fp32_here"] is True
+    assert ways["tf32"] == ways["fp32"]
+    assert ways["fp32"]["max_abs_ap_difference"] < 1e-3
     assert ways["bf16"]["most_ties_in_a_class"] > ways["fp32"]["most_ties_in_a_class"]
+    decision = report["decision"]
+    assert decision["ap_tolerance"] == 1e-3 and "0.001 of fp64" in decision["rule"]
+    assert decision["fp32_qualifies"] == (
+        ways["fp32"]["every_class_within_tolerance"] and ways["fp32"]["pie_set_identical"]
+    )
+    assert decision["tf32_qualifies"] == decision["fp32_qualifies"]
+    assert decision["decides_the_cuda_default"] is False
 
 
 def _gpu_check(out: Path, seconds: int = 540) -> subprocess.CompletedProcess:
