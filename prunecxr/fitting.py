@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from prunecxr.data.transforms import augment, draw_augmentation, normalize
 from prunecxr.device_data import DeviceImages
 from prunecxr.evaluate import device_logits, per_class_metrics, sigmoid
 from prunecxr.models import create_model
-from prunecxr.runtime import Runtime, portable_state_dict
+from prunecxr.runtime import Runtime, host_snapshot, portable_state_dict
 from prunecxr.specs import DataSpec, Finetune, OptimSpec, TrainConfig
 
 LOSS_SHOWN_EVERY = 25  # training steps between progress-bar loss updates
@@ -62,17 +63,26 @@ class TrainState:
     history: list[dict] = dataclasses.field(default_factory=list)
 
     def checkpoint(self, config: TrainConfig) -> dict:
-        return {
-            "config": config.flat(),
-            "model": portable_state_dict(self.model),
-            "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "epoch": self.epoch,
-            "best_val_loss": self.best_val_loss,
-            "best_weights": self.best_weights,
-            "epochs_since_best": self.epochs_since_best,
-            "history": self.history,
-        }
+        checkpoint, wait = self.snapshot(config)
+        wait()
+        return checkpoint
+
+    def snapshot(self, config: TrainConfig) -> tuple[dict, Callable[[], None]]:
+        """The checkpoint, copied to host memory without waiting for the device:
+        -> (checkpoint, wait); read it only after wait() (runtime.host_snapshot)."""
+        return host_snapshot(
+            {
+                "config": config.flat(),
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(),
+                "epoch": self.epoch,
+                "best_val_loss": self.best_val_loss,
+                "best_weights": self.best_weights,
+                "epochs_since_best": self.epochs_since_best,
+                "history": [dict(row) for row in self.history],
+            }
+        )
 
 
 def create_state(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -191,3 +191,39 @@ def portable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         key: value.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
         for key, value in model.state_dict().items()
     }
+
+
+def host_snapshot(tree):
+    """A copy of every tensor in `tree` (nested dicts, lists, tuples) in host memory, in the
+    standard layout, taken without waiting for the device: -> (copy, wait). On CUDA the copies
+    go asynchronously into pinned memory, in stream order (so they hold the values of this
+    moment, whatever the next steps change); call wait() before reading them."""
+    copied_from_cuda = False
+
+    def copy(value):
+        nonlocal copied_from_cuda
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            if not value.is_cuda:
+                return value.clone(memory_format=torch.contiguous_format)
+            copied_from_cuda = True
+            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            return host.copy_(value, non_blocking=True)
+        if isinstance(value, dict):
+            return {key: copy(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(copy(item) for item in value)
+        return value
+
+    snapshot = copy(tree)
+    return snapshot, _copies_done_waiter() if copied_from_cuda else _nothing_to_wait_for
+
+
+def _copies_done_waiter() -> Callable[[], None]:
+    done = torch.cuda.Event()
+    done.record()
+    return done.synchronize
+
+
+def _nothing_to_wait_for() -> None:
+    pass

@@ -35,6 +35,7 @@ def _one_epoch(config, run_id: str) -> tuple[Checkpoints, TrainState]:
     state.epoch, state.epochs_since_best, state.history = 1, 0, [row]
     keeper = Checkpoints(run_id, config)
     keeper.after_epoch(state)
+    keeper.wait()
     return keeper, state
 
 
@@ -74,7 +75,9 @@ def test_a_damaged_upload_resumes_from_the_local_one_and_none_is_an_error(
             fetch_checkpoint(run_id)
 
 
-def test_a_checkpoint_is_written_whole_by_one_writer_at_a_time(tiny_nih, cache_dir, mlflow_store):
+def test_a_checkpoint_is_written_whole_by_one_writer_at_a_time_and_the_training_never_waits(
+    tiny_nih, cache_dir, mlflow_store
+):
     tracking.use_experiment("prunecxr")
     config = tiny_config(tiny_nih, cache_dir)
     with tracking.start_run("train") as run_id:
@@ -88,7 +91,9 @@ def test_a_checkpoint_is_written_whole_by_one_writer_at_a_time(tiny_nih, cache_d
             wait_for(lambda: is_locked(lock), 30, holder)
             state.epoch, state.epochs_since_best = 2, 1
             state.history.append({**state.history[0], "epoch": 2})
-            keeper.after_epoch(state)  # waits for the other writer
+            keeper.after_epoch(state)  # the training goes on at once ...
+            assert holder.poll() is None
+            keeper.wait()  # ... while the thread waits for the other writer
             assert holder.poll() == 0  # which had finished
         finally:
             holder.kill()

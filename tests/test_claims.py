@@ -162,8 +162,8 @@ def _train_run_with_a_checkpoint(config) -> str:
     state = create_state(config, len(get_schema("nih-cxr-lt").classes), resolve_runtime("cpu"))
     state.epoch, state.epochs_since_best = 1, 0
     state.history = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_mAUC": 0.5}]
-    with tracking.start_run("train") as run_id:
-        Checkpoints(run_id, config).after_epoch(state)
+    with tracking.start_run("train") as run_id, Checkpoints(run_id, config) as keeper:
+        keeper.after_epoch(state)
     return run_id
 
 

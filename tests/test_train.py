@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -17,9 +18,14 @@ from prunecxr.data.schemas import class_slug
 from prunecxr.data.synthetic import write_synthetic
 from prunecxr.evaluate import predict_logits, sigmoid
 from prunecxr.fitting import create_state, restore_state
-from prunecxr.runtime import resolve_runtime
+from prunecxr.runtime import portable_state_dict, resolve_runtime
 from prunecxr.specs import TrainConfig, train_key
-from prunecxr.stages.checkpoints import CHECKPOINT_ARTIFACT, Checkpoints, fetch_checkpoint
+from prunecxr.stages.checkpoints import (
+    BEST_ARTIFACT,
+    CHECKPOINT_ARTIFACT,
+    Checkpoints,
+    fetch_checkpoint,
+)
 from prunecxr.stages.study import StudyConfig, study_key
 from prunecxr.stages.train import resume_note, resume_training, run_training
 from tests.helpers import kill, prunecxr, spawn_prunecxr, tiny_config, wait_for
@@ -89,6 +95,9 @@ def test_logged_model_reproduces_the_logged_predictions(tiny_nih, cache_dir, mlf
     np.testing.assert_array_equal(truth, test.labels)
     info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
     assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 3, 32, 32)
+    requirements = mlflow.pyfunc.get_model_dependencies(f"runs:/{run_id}/model")
+    pins = Path(requirements).read_text().split()  # given, not inferred (10-20 s per model)
+    assert {"torch", "torchvision", "cloudpickle"} <= {pin.split("==")[0] for pin in pins}
 
 
 def test_same_seed_same_run_and_resume_continues_exactly(tiny_nih, cache_dir, mlflow_store):
@@ -245,30 +254,49 @@ def test_resident_and_streamed_training_data_train_the_same_model(
     assert params["resident_data_resolved"] == "true"
 
 
-def test_checkpoints_are_kept_here_every_epoch_and_uploaded_on_improvement(
+def test_checkpoints_are_kept_here_every_epoch_and_uploaded_in_the_background(
     tiny_nih, cache_dir, mlflow_store, tmp_path
 ):
+    """Epoch 1: the full checkpoint and the best weights uploaded; epoch 2, better: the best
+    weights only; epoch 3, worse: nothing (kept here). What is saved is the state at the end of
+    the epoch, whatever the training changes while the thread writes it."""
     tracking.use_experiment("prunecxr")
     config = tiny_config(tiny_nih, cache_dir)
     state = create_state(config, len(NIH.classes), resolve_runtime("cpu"))
     row = {"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_mAUC": 0.5, "val_mAP": 0.1}
-    with tracking.start_run("train") as run_id:
-        keeper = Checkpoints(run_id, config)
-        state.epoch, state.epochs_since_best, state.history = 1, 0, [row]
-        keeper.after_epoch(state)  # a new best: uploaded
-        state.epoch, state.epochs_since_best = 2, 1
-        state.history = [row, {**row, "epoch": 2, "val_loss": 2.0}]
-        keeper.after_epoch(state)  # not better: kept on this machine only
 
-        def uploaded_epoch() -> int:
-            path = tracking.download_artifact(run_id, CHECKPOINT_ARTIFACT, tmp_path)
-            return torch.load(path, weights_only=True)["epoch"]
+    def epoch(number: int, val_loss: float, since_best: int) -> None:
+        state.epoch, state.epochs_since_best = number, since_best
+        state.history = [*state.history, {**row, "epoch": number, "val_loss": val_loss}]
+        if since_best == 0:
+            state.best_val_loss, state.best_weights = val_loss, portable_state_dict(state.model)
+        keeper.after_epoch(state)
 
-        assert uploaded_epoch() == 1
-        assert fetch_checkpoint(run_id)["epoch"] == 2  # resume takes the newer local one
-        # The process dies here; a resume with no epoch left to train still uploads epoch 2.
+    def uploaded(artifact: str) -> dict:
+        path = tracking.download_artifact(run_id, artifact, tmp_path / artifact.rsplit("/")[1])
+        return torch.load(path, weights_only=True)
+
+    with tracking.start_run("train") as run_id, Checkpoints(run_id, config) as keeper:
+        epoch(1, 1.0, since_best=0)
+        epoch(2, 0.5, since_best=0)
+        weights = portable_state_dict(state.model)
+        with torch.no_grad():
+            for parameter in state.model.parameters():
+                parameter.zero_()  # the next epoch's steps, while the thread may still write
+        keeper.wait()
+        saved = torch.load(keeper.path, weights_only=True)
+        assert saved["epoch"] == 2
+        assert all(torch.equal(saved["model"][k], v) for k, v in weights.items())
+        epoch(3, 0.7, since_best=1)
+        keeper.wait()
+        assert uploaded(CHECKPOINT_ARTIFACT)["epoch"] == 1
+        best = uploaded(BEST_ARTIFACT)
+        assert (best["epoch"], best["best_val_loss"]) == (2, 0.5)
+        assert all(torch.equal(best["best_weights"][k], v) for k, v in weights.items())
+        assert fetch_checkpoint(run_id)["epoch"] == 3  # resume takes the newer local one
+        # The process dies here; a resume with no epoch left to train still uploads epoch 3.
         Checkpoints(run_id, config).upload_last()
-        assert uploaded_epoch() == 2
+        assert uploaded(CHECKPOINT_ARTIFACT)["epoch"] == 3
         assert not list((cache_dir / "checkpoints").rglob("*.pt"))  # uploaded: local copy gone
 
 

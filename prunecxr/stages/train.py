@@ -169,15 +169,15 @@ def _train(
             tracking.set_tags({RESUMED_TAG: resume_note(checkpoint, config, runtime)})
         else:
             _log_inputs(config, runtime, splits)
-        checkpoints = Checkpoints(active_id, config)
+        with Checkpoints(active_id, config) as checkpoints:
 
-        def after_epoch(state: TrainState) -> None:
-            ownership.ensure_mine(active_id)  # taken over: not one more epoch logged
-            checkpoints.after_epoch(state)
+            def after_epoch(state: TrainState) -> None:
+                ownership.ensure_mine(active_id)  # taken over: not one more epoch logged
+                checkpoints.after_epoch(state)
 
-        fit(state, config, splits, runtime, after_epoch)
-        ownership.ensure_mine(active_id)
-        checkpoints.upload_last()
+            fit(state, config, splits, runtime, after_epoch)
+            ownership.ensure_mine(active_id)
+            checkpoints.upload_last()
         # Test predictions are analysis-grade: fp32 unless bf16 was asked for explicitly.
         _log_final(state, config, splits["test"], runtime_of(config.runtime, for_analysis=True))
     return active_id

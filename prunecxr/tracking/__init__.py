@@ -24,6 +24,7 @@ from prunecxr.tracking.record import (
     set_run_tags,
     set_tags,
     start_run,
+    upload_file,
     upload_kept,
 )
 from prunecxr.tracking.store import (

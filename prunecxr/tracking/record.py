@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.metadata
 import logging
 import os
 import tempfile
@@ -381,6 +382,16 @@ def log_file(path: Path, artifact_dir: str | None, *, keep_while_away: bool = Tr
     return _send(lambda: mlflow.log_artifact(str(path), artifact_dir), record)
 
 
+def upload_file(run_id: str, path: Path, artifact_dir: str | None) -> bool:
+    """Log a local file into `artifact_dir` of run `run_id`, from any thread (it needs no
+    active run and bypasses the outbox). -> whether it was sent: nothing is sent while the
+    tracking server does not answer."""
+    if not server_answers(absolute_tracking_uri()):
+        return False
+    MlflowClient().log_artifact(run_id, str(path), artifact_dir)
+    return True
+
+
 def _artifact_dir(artifact_file: str) -> str | None:
     parent = str(Path(artifact_file).parent)
     return None if parent == "." else parent
@@ -412,6 +423,13 @@ def _log_kept_model(run_id: str, weights: str, example: str, rebuild_model: Mode
         _log_model(model, np.load(example))
 
 
+def model_requirements() -> list[str]:
+    """What a logged model needs to load: MLflow's torch and cloudpickle pins, and torchvision
+    (the models are its classes). Given explicitly: inferring them costs 10-20 s per model."""
+    torchvision = importlib.metadata.version("torchvision").split("+")[0]
+    return [*mlflow.pytorch.get_default_pip_requirements(), f"torchvision=={torchvision}"]
+
+
 def _log_model(model: nn.Module, input_example: np.ndarray) -> None:
     with torch.inference_mode():
         output = model(torch.from_numpy(input_example)).numpy()
@@ -421,6 +439,7 @@ def _log_model(model: nn.Module, input_example: np.ndarray) -> None:
         signature=infer_signature(input_example, output),
         input_example=input_example,
         serialization_format="pickle",
+        pip_requirements=model_requirements(),
     )
     with tempfile.TemporaryDirectory() as tmp:  # what prunecxr loads: no code in it
         torch.save(model.state_dict(), Path(tmp) / WEIGHTS_ARTIFACT)
