@@ -184,3 +184,24 @@ def test_streamed_batches_through_pinned_buffers_equal_the_resident_ones():
     want += [resident.slice(start, start + 64) for start in range(0, 300, 64)]
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_a_host_snapshot_holds_the_values_of_its_moment_without_a_sync():
+    """Checkpoints copy the training state to pinned host memory asynchronously: the copy is
+    in stream order, so steps queued after it do not reach it; it is in the standard layout."""
+    from prunecxr.runtime import host_snapshot
+
+    runtime = resolve_runtime("cuda")  # channels_last
+    model = runtime.place_model(create_model("resnet18", 20))
+    before = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    snapshot, wait = host_snapshot(
+        {"model": model.state_dict(), "step": torch.ones((), device="cuda")}
+    )
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(0)  # queued after the copies
+    wait()
+    for key, value in snapshot["model"].items():
+        assert value.is_pinned() and value.is_contiguous() and torch.equal(value, before[key])
+    assert snapshot["step"].item() == 1
