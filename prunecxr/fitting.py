@@ -90,7 +90,8 @@ def create_state(
 ) -> TrainState:
     """A fresh model (initialized from `pretrained`, default the config's), optimizer, RNG."""
     torch.manual_seed(config.seed)
-    model = create_model(config.model.arch, num_classes, pretrained or config.model.pretrained)
+    pretrained = pretrained or config.model.pretrained
+    model = create_model(config.model.arch, num_classes, pretrained, config.data.image_size)
     model = runtime.place_model(model)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay, fused=True

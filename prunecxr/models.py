@@ -1,37 +1,93 @@
-"""Architectures of the study (torchvision ResNets with a C-way multi-label head) and their weights."""
+"""Architectures (torchvision ResNets as in the study, DenseNet121 as in CheXNet and
+torchxrayvision, ViT-B/16) with a C-way multi-label head, and their weights."""
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
+from torchvision.models import vision_transformer
 
 from prunecxr import PrunecxrError
 
+
+@dataclass(frozen=True)
+class Architecture:
+    build: Callable[..., nn.Module]  # torchvision's builder
+    imagenet: torchvision.models.WeightsEnum
+    head: str  # the classifier's attribute path, replaced by a C-way Linear
+    sized: bool = False  # built for its input size (a ViT's position embeddings)
+
+
 ARCHS = {
-    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
-    "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1),
-    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1),
+    "resnet18": Architecture(
+        torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1, "fc"
+    ),
+    "resnet34": Architecture(
+        torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1, "fc"
+    ),
+    "resnet50": Architecture(
+        torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1, "fc"
+    ),
+    "densenet121": Architecture(
+        torchvision.models.densenet121,
+        torchvision.models.DenseNet121_Weights.IMAGENET1K_V1,
+        "classifier",
+    ),
+    "vit_b_16": Architecture(
+        torchvision.models.vit_b_16,
+        torchvision.models.ViT_B_16_Weights.IMAGENET1K_V1,
+        "heads.head",
+        sized=True,
+    ),
 }
 
 
-def create_model(arch: str, num_classes: int, pretrained: str = "none") -> nn.Module:
-    """A torchvision ResNet whose `fc` has `num_classes` outputs (logits).
-
-    pretrained: "imagenet" (torchvision weights, downloaded once into TORCH_HOME), "none", or a
-    path to a state dict: a plain one, or the original study's `{'weights': state_dict}`."""
+def architecture(arch: str) -> Architecture:
     try:
-        builder, imagenet_weights = ARCHS[arch]
+        return ARCHS[arch]
     except KeyError:
         raise PrunecxrError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}") from None
-    model = builder(weights=None)
+
+
+def head_of(model: nn.Module) -> nn.Module:
+    """The classifier layer of any of ARCHS (pruning leaves its outputs alone)."""
+    for arch in ARCHS.values():
+        try:
+            return operator.attrgetter(arch.head)(model)
+        except AttributeError:
+            continue
+    raise PrunecxrError(f"no classifier head found in {type(model).__name__}")
+
+
+def create_model(
+    arch: str, num_classes: int, pretrained: str = "none", image_size: int = 224
+) -> nn.Module:
+    """A torchvision model whose classifier has `num_classes` outputs (logits).
+
+    pretrained: "imagenet" (torchvision weights, downloaded once into TORCH_HOME), "none", or a
+    path to a state dict: a plain one, or the original study's `{'weights': state_dict}`.
+    `image_size` matters to a ViT only (its position embeddings; ImageNet's, made at 224 px,
+    are interpolated to it); it must be a multiple of its 16 px patches."""
+    spec = architecture(arch)
+    if spec.sized and image_size % 16:
+        raise PrunecxrError(f"{arch} needs an image size divisible by 16, not {image_size}")
+    model = spec.build(weights=None, **({"image_size": image_size} if spec.sized else {}))
     if pretrained == "imagenet":
-        model.load_state_dict(_download_imagenet(arch, imagenet_weights))
+        state = _download_imagenet(arch, spec.imagenet)
+        if spec.sized:
+            state = vision_transformer.interpolate_embeddings(image_size, 16, state)
+        model.load_state_dict(state)
     elif pretrained != "none":
-        _load_backbone(model, Path(pretrained))
-    model.fc = nn.Linear(model.fc.in_features, num_classes)
+        _load_backbone(model, Path(pretrained), spec.head)
+    parent, _, name = spec.head.rpartition(".")
+    owner = operator.attrgetter(parent)(model) if parent else model
+    setattr(owner, name, nn.Linear(getattr(owner, name).in_features, num_classes))
     return model
 
 
@@ -62,23 +118,25 @@ def load_state_file(path: Path) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _load_backbone(model: nn.Module, path: Path) -> None:
-    """Load everything but a classifier of another size (fc is replaced afterwards anyway)."""
-    state = {k: v for k, v in load_state_file(path).items() if not k.startswith("fc.")}
+def _load_backbone(model: nn.Module, path: Path, head: str) -> None:
+    """Load everything but a classifier of another size (it is replaced afterwards anyway)."""
+    state = {k: v for k, v in load_state_file(path).items() if not k.startswith(f"{head}.")}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches
         raise PrunecxrError(f"{path} does not fit the architecture: {error}") from None
-    missing = [k for k in missing if not k.startswith("fc.")]
+    missing = [k for k in missing if not k.startswith(f"{head}.")]
     if missing or unexpected:
         raise PrunecxrError(
             f"{path} does not fit the architecture: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
 
 
-def model_from_weights(arch: str, num_classes: int, state: dict) -> nn.Module:
+def model_from_weights(
+    arch: str, num_classes: int, state: dict, image_size: int = 224
+) -> nn.Module:
     """`arch` built and given `state` (a logged model's state dict), in eval mode."""
-    return load_weights_into(create_model(arch, num_classes), state)
+    return load_weights_into(create_model(arch, num_classes, image_size=image_size), state)
 
 
 def load_weights_into(model: nn.Module, state: dict) -> nn.Module:

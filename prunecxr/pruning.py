@@ -16,8 +16,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune
+from torchvision.models import VisionTransformer
 
 from prunecxr import PrunecxrError
+from prunecxr.models import head_of
 from prunecxr.runtime import standard_layout
 
 STRUCTURED_TOLERANCE = 0.01  # |achieved - target| sparsity allowed for structured pruning
@@ -29,8 +31,15 @@ _channel_ratios: dict[tuple, float] = {}
 
 
 def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """Every Conv2d and Linear weight (the classifier's included, as in the paper)."""
-    return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    """Every Conv2d and Linear weight (the classifier's included, as in the paper), and an
+    attention layer's query/key/value projection (a ViT's; its output projection is a Linear)."""
+    weights = []
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            weights.append((module, "weight"))
+        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            weights.append((module, "in_proj_weight"))
+    return weights
 
 
 def count_prunable(model: nn.Module) -> tuple[int, int]:
@@ -144,10 +153,29 @@ def _prune_channels(model: nn.Module, ratio: float, example_inputs: torch.Tensor
             example_inputs,
             importance=tp.importance.GroupMagnitudeImportance(p=1),
             pruning_ratio=ratio,
-            ignored_layers=[model.fc],
+            ignored_layers=[head_of(model)],
+            unwrapped_parameters=_embedding_parameters(model),
+            round_to=_width_multiple(model),
         )
         pruner.step()
+    if isinstance(model, VisionTransformer):  # its forward pass reads the width from here
+        model.hidden_dim = model.conv_proj.out_channels
     return model
+
+
+def _width_multiple(model: nn.Module) -> int | None:
+    """A ViT's widths stay multiples of its head count (each head keeps whole dimensions)."""
+    if not isinstance(model, VisionTransformer):
+        return None
+    return model.encoder.layers[0].self_attention.num_heads
+
+
+def _embedding_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]] | None:
+    """A ViT's class token and position embeddings, pruned along the embedding width with
+    the layers that read them (torch-pruning cannot see them through a layer)."""
+    if not isinstance(model, VisionTransformer):
+        return None
+    return [(model.class_token, 2), (model.encoder.pos_embedding, 2)]
 
 
 METHODS: dict[str, Callable[..., nn.Module]] = {

@@ -25,7 +25,7 @@ from prunecxr.data.schemas import SCHEMAS
 
 WHAT, RESUMABLE, WHERE = "what", "resumable", "where"
 ABSOLUTE, AS_TYPED = "absolute", "as typed"
-ARCH_NAMES = ("resnet18", "resnet34", "resnet50")  # prunecxr.models.ARCHS builds them
+ARCH_NAMES = ("resnet18", "resnet34", "resnet50", "densenet121", "vit_b_16")  # models.ARCHS
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32", "tf32")
 PROTOCOLS = ("default", "original")  # docs/training.md, "The original protocol"

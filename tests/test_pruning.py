@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torchvision
 from torch.nn.utils import prune
 
 from prunecxr import PrunecxrError
@@ -194,3 +195,48 @@ def test_macs_are_counted_once_per_architecture_layer_shapes_and_input(resnet18,
     assert count_macs(pruned, example) == dense and len(traced) == 1
     count_macs(resnet18, torch.zeros(1, 3, 48, 48))
     assert len(traced) == 2
+
+
+def _small(arch: str) -> torch.nn.Module:
+    """The classes of densenet121 and vit_b_16, a few layers deep (the same pruning code)."""
+    torch.manual_seed(0)
+    if arch == "densenet":
+        return torchvision.models.DenseNet(12, (3, 3), 24, 4, num_classes=5).eval()
+    return torchvision.models.VisionTransformer(32, 16, 2, 4, 64, 128, num_classes=5).eval()
+
+
+@pytest.mark.parametrize("arch", ["densenet", "vit"])
+@pytest.mark.parametrize("method", ["l1", "random"])
+def test_unstructured_pruning_covers_every_architecture(arch, method):
+    """Conv2d and Linear weights, and a ViT's attention q/k/v projection (not a Linear)."""
+    model = _small(arch)
+    layers = {type(module).__name__ for module, _ in prunable_weights(model)}
+    expected = {"Conv2d", "Linear"} | ({"MultiheadAttention"} if arch == "vit" else set())
+    assert expected <= layers
+    pruned = prune_model(model, method, 0.7, example_inputs=None, seed=1)
+    total, nonzero = count_prunable(pruned)
+    assert 1 - nonzero / total == pytest.approx(0.7, abs=1e-3)
+    attention = [m for m in pruned.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert all((m.in_proj_weight == 0).any() for m in attention)
+
+
+@pytest.mark.parametrize(
+    ("arch", "sparsities"), [("densenet", (0.5, 0.7, 0.9)), ("vit", (0.5, 0.7, 0.9))]
+)
+def test_structured_pruning_of_densenet_and_vit_reaches_the_sparsity(arch, sparsities):
+    """DenseNet: channels; ViT: the embedding width and MLP width, in multiples of the head
+    count (every head keeps whole dimensions); the classifier's outputs stay."""
+    model, images = _small(arch), torch.randn(2, 3, 32, 32)
+    total, _ = count_prunable(model)
+    for sparsity in sparsities:
+        pruned = prune_model(
+            copy.deepcopy(model), "structured", sparsity, example_inputs=images[:1]
+        )
+        left, _ = count_prunable(pruned)
+        assert 1 - left / total == pytest.approx(sparsity, abs=0.01)
+        with torch.no_grad():
+            assert pruned(images).shape == (2, 5)
+        if arch == "vit":
+            attention = pruned.encoder.layers[0].self_attention
+            assert attention.num_heads == 4 and attention.embed_dim % 4 == 0
+            assert pruned.hidden_dim == attention.embed_dim < 64
