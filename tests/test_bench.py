@@ -144,3 +144,18 @@ def test_gpu_check_cut_short_still_returns_what_it_measured(tmp_path):
     numbers = json.loads((tmp_path / "gpu.json").read_text())
     assert numbers["complete"] is False and numbers["card"].startswith("CPU")
     assert "cut short after" in (tmp_path / "gpu-tables.md").read_text()
+
+
+@pytest.mark.slow
+def test_architecture_benchmark_prunes_and_times_each_sparsity(tmp_path):
+    """bench/architectures.py at a tiny size (its numbers: docs/pruning.md, "Architectures")."""
+    script = PROJECT_ROOT / "bench" / "architectures.py"
+    command = [sys.executable, str(script), "--archs", "resnet18", "--image-size", "32"]
+    command += ["--batch-size", "2", "--passes", "1", "--json", str(tmp_path / "a.json")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "a.json").read_text())["rows"]
+    assert [row["sparsity"] for row in rows] == [0.0, 0.5, 0.7, 0.9]
+    assert all(abs(row["achieved_sparsity"] - row["sparsity"]) <= 0.01 for row in rows)
+    assert rows[0]["speedup"] == 1.0 and rows[-1]["mac_reduction"] > rows[1]["mac_reduction"]
+    assert "| resnet18 | 0.9 |" in result.stdout
