@@ -268,3 +268,24 @@ def test_claims_do_not_outlive_their_process_in_forked_children(run_id, monkeypa
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+
+
+def test_each_claim_beats_on_its_own_schedule(mlflow_store, monkeypatch):
+    """A run claimed while the heartbeat thread waits out another run's long period still gets
+    its first beat one period after its own claim (a beat that missed an outage would not be
+    retried within seconds of the server's return)."""
+    tracking.use_experiment("prunecxr")
+    experiment_id = mlflow.get_experiment_by_name("prunecxr").experiment_id
+    first, second = (MlflowClient().create_run(experiment_id).info.run_id for _ in range(2))
+    monkeypatch.setattr(ownership, "CLAIM_SETTLE_SECONDS", 0.0)
+    with ownership.claimed(first, "sweep", contested=False):
+        time.sleep(0.5)  # the thread now waits out the first run's 30 s
+        monkeypatch.setattr(ownership, "HEARTBEAT_SECONDS", 1.0)
+        with ownership.claimed(second, "sweep", contested=False):
+            claimed_at = _heartbeat(second)
+            wait_for(lambda: _heartbeat(second) > claimed_at, 10)
+        assert _heartbeat(first) <= claimed_at  # its own period has not come
+
+
+def _heartbeat(run_id: str) -> int:
+    return int(MlflowClient().get_run(run_id).data.tags[HEARTBEAT_TAG])

@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -68,11 +68,14 @@ class _Claim:
     lock_fd: int | None  # this machine's lock on the run (None: no lock folder here)
     depth: int = 1  # claimed() entered this many times (a resume, then its stage)
     lost_to: str | None = None  # the owner found in the tag instead of this process
+    # Each run beats on its own schedule, the first a full period after its claim wrote one.
+    beat_due: float = field(default_factory=lambda: time.monotonic() + HEARTBEAT_SECONDS)
 
 
 _claims: dict[str, _Claim] = {}  # run id -> this process's claim on it
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
+_claims_changed = threading.Event()  # wakes the heartbeat thread to see a new claim's schedule
 
 
 @contextlib.contextmanager
@@ -197,19 +200,26 @@ def _heartbeat_age(run) -> float:
 
 def _start_heartbeat() -> None:
     global _thread
+    _claims_changed.set()
     if _thread is None or not _thread.is_alive():
         _thread = threading.Thread(target=_beat, name="prunecxr-heartbeat", daemon=True)
         _thread.start()
 
 
 def _beat() -> None:
-    delay = HEARTBEAT_SECONDS
     while True:
-        time.sleep(delay)
+        _claims_changed.clear()
         with _lock:
             claims = list(_claims.items())
-        reached = [_beat_once(run_id, claim) for run_id, claim in claims]
-        delay = HEARTBEAT_SECONDS if all(reached) else RETRY_SECONDS
+        now = time.monotonic()
+        due = [(run_id, claim) for run_id, claim in claims if claim.beat_due <= now]
+        if not due:
+            next_due = min((claim.beat_due for _, claim in claims), default=now + HEARTBEAT_SECONDS)
+            _claims_changed.wait(next_due - now)
+            continue
+        for run_id, claim in due:
+            reached = _beat_once(run_id, claim)
+            claim.beat_due = time.monotonic() + (HEARTBEAT_SECONDS if reached else RETRY_SECONDS)
 
 
 def _beat_once(run_id: str, claim: _Claim) -> bool:
@@ -291,11 +301,11 @@ def _unlock(fd: int | None) -> None:
 def _forget_claims_in_child() -> None:
     """A forked child is another process: it owns nothing, and its copies of the lock
     descriptors must not keep the parent's locks held after the parent dies."""
-    global _thread, _lock
+    global _thread, _lock, _claims_changed
     for claim in _claims.values():
         _unlock(claim.lock_fd)
     _claims.clear()
-    _thread, _lock = None, threading.Lock()
+    _thread, _lock, _claims_changed = None, threading.Lock(), threading.Event()
 
 
 os.register_at_fork(after_in_child=_forget_claims_in_child)
