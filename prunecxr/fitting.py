@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from prunecxr import distributed
-from prunecxr.data import SPLITS, SplitData, get_schema, load_split
+from prunecxr.data import SPLITS, SplitData, load_split
 from prunecxr.data.transforms import augment, draw_augmentation, normalize
 from prunecxr.device_data import DeviceImages
 from prunecxr.evaluate import device_logits, per_class_metrics, sigmoid
@@ -32,7 +32,7 @@ def open_split(data: DataSpec, split: str, *, num_workers: int | None = None) ->
     """One split of `data`: its labels and memory-mapped cached images (the cache is built on
     first use, by `num_workers` processes, default the spec's)."""
     return load_split(
-        get_schema(data.dataset),
+        data.schema(),
         Path(data.data_dir),
         Path(data.label_dir),
         split,
@@ -224,7 +224,7 @@ def fit(state: TrainState, config: TrainConfig, splits: dict, runtime, on_epoch_
 
 
 def _fit_epochs(state, config, data, runtime, forwards, on_epoch_end) -> None:
-    classes = get_schema(config.data.dataset).classes
+    classes = config.data.schema().classes
     (train, val), (train_forward, forward) = data, forwards
     optim, original = config.optim, config.optim.protocol == "original"
     while keeps_training(state.epoch, state.epochs_since_best, optim):

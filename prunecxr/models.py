@@ -119,8 +119,14 @@ def load_state_file(path: Path) -> dict:
 
 
 def _load_backbone(model: nn.Module, path: Path, head: str) -> None:
-    """Load everything but a classifier of another size (it is replaced afterwards anyway)."""
+    """Load everything but a classifier of another size (it is replaced afterwards anyway). A
+    first convolution of one input channel (a grey-image model, as torchxrayvision's) is spread
+    over the three grey copies this model sees: the same output on a grey image."""
     state = {k: v for k, v in load_state_file(path).items() if not k.startswith(f"{head}.")}
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and value.dim() == 4 and value.shape[1] == 1 and own[key].shape[1] == 3:
+            state[key] = value.repeat(1, 3, 1, 1) / 3
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches

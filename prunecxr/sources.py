@@ -60,7 +60,8 @@ def _run_source(uri: str, cache_dir: str | None, allow_pickle: bool) -> ModelSou
 
 def rebuild_model(settings: dict[str, str], state: dict) -> nn.Module:
     """The model a run logged: its `arch` for its `dataset`, given the weights `state`."""
-    num_classes = get_schema(settings["dataset"]).num_classes
+    label_dir = settings.get("label_dir") or settings.get("data_dir") or None
+    num_classes = get_schema(settings["dataset"], label_dir).num_classes
     image_size = int(settings.get("image_size", 224))
     return model_from_weights(settings["arch"], num_classes, state, image_size)
 
@@ -84,7 +85,7 @@ def _run_model(uri: str, run_id: str, params: dict[str, str], allow_pickle: bool
 
 
 def _checkpoint_source(path: Path, data: DataSpec, arch: str, seed: int | None) -> ModelSource:
-    model = create_model(arch, get_schema(data.dataset).num_classes, image_size=data.image_size)
+    model = create_model(arch, data.schema().num_classes, image_size=data.image_size)
     try:
         model.load_state_dict(load_state_file(path))
     except RuntimeError as error:

@@ -21,10 +21,10 @@ from typing import Any
 
 from prunecxr import PrunecxrError
 from prunecxr.data.cache import DEFAULT_CACHE_DIR, PREPROCESS
-from prunecxr.data.schemas import SCHEMAS
+from prunecxr.data.schemas import BUILTIN, DatasetSchema, card_key, get_schema
 
 WHAT, RESUMABLE, WHERE = "what", "resumable", "where"
-ABSOLUTE, AS_TYPED = "absolute", "as typed"
+ABSOLUTE, AS_TYPED, CARD = "absolute", "as typed", "dataset card"
 ARCH_NAMES = ("resnet18", "resnet34", "resnet50", "densenet121", "vit_b_16")  # models.ARCHS
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32", "tf32")
@@ -47,7 +47,8 @@ def setting(
 ) -> Any:
     """A settings field. `minimum`/`above`: the smallest allowed value (inclusive/exclusive).
     `cli_default`: the option's default where it is resolved later (None: "[default: ...]" in
-    `help` says how). `path`: a folder, ABSOLUTE (made absolute on the command line) or AS_TYPED.
+    `help` says how). `path`: a folder, ABSOLUTE (made absolute on the command line) or AS_TYPED;
+    CARD: a built-in dataset's name or a card file (made absolute; keyed by its content).
     `keyed_unless_default`: a setting added after runs were first keyed: left out of keys at its
     default (what every older run used), so their keys stay the same."""
     metadata = dict(
@@ -72,7 +73,11 @@ def where(default: Any, help: str = "", **metadata) -> Any:
 class DataSpec:
     """Which data, where it is, and how its pixels are made."""
 
-    dataset: str = setting("nih-cxr-lt", choices=tuple(SCHEMAS))
+    dataset: str = setting(
+        "nih-cxr-lt",
+        f"{' | '.join(BUILTIN)} | PATH of a dataset card (.yaml or .json; docs/datasets.md).",
+        path=CARD,
+    )
     data_dir: str = setting(
         "",
         "Directory the label files' image column is relative to.",
@@ -108,6 +113,10 @@ class DataSpec:
         cli_default=None,
     )
     num_workers: int = where(0, "Processes decoding images for the cache.", minimum=0)
+
+    def schema(self) -> DatasetSchema:
+        """The dataset's card, with its classes (a card may take them from the train file)."""
+        return get_schema(self.dataset, self.label_dir or self.data_dir or None)
 
 
 @dataclass(frozen=True)
@@ -293,7 +302,7 @@ def keyed_settings(settings, *, exclude_roles: tuple[str, ...]) -> dict[str, Any
     after runs were first keyed left out at its default (their keys stay the same)."""
     fields = flat_fields(type(settings))
     return {
-        name: value
+        name: card_key(value) if fields[name].metadata.get("path") == CARD else value
         for name, value in flatten(settings).items()
         if fields[name].metadata.get("role") not in exclude_roles
         and not (

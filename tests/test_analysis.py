@@ -121,10 +121,13 @@ def test_pie_ratios_by_hand():
     ratios = pies.class_ratios(labels, is_pie, ("No Finding", "A", "B")).set_index("class")
     assert ratios.ratio["A"] == pytest.approx(1 / (1 / 3))  # all PIEs have A, 1 in 3 others do
     assert np.isnan(ratios.ratio["B"])  # no other image has B
-    counts = pies.disease_count_ratios(labels, is_pie, ("No Finding", "A", "B")).set_index(
+    classes = ("No Finding", "A", "B")
+    counts = pies.disease_count_ratios(labels, is_pie, classes, "No Finding").set_index(
         "n_findings"
     )
     assert counts.pie_share["2"] == 1.0 and counts.other_share["0"] == pytest.approx(2 / 3)
+    counted = pies.disease_count_ratios(labels, is_pie, classes).set_index("n_findings")
+    assert counted.other_share["1"] == pytest.approx(1.0)  # no normal class: it counts
     assert list(counts.index) == ["0", "1", "2", "3", "4+"]
 
 

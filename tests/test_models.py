@@ -61,6 +61,23 @@ def test_pretrained_path_loads_the_backbone_of_every_architecture(tmp_path, arch
     assert head_of(model).out_features == 20
 
 
+def test_a_grey_model_s_features_load_as_the_docs_convert_them(tmp_path):
+    """torchxrayvision's DenseNet121 layout (one input channel, `features.*` kept by the
+    documented command): its first convolution spread over the three grey copies gives the same
+    output on a grey image."""
+    grey = torchvision.models.densenet121(weights=None)
+    grey.features.conv0 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    features = {k: v for k, v in grey.state_dict().items() if k.startswith("features.")}
+    torch.save(features, tmp_path / "xrv-densenet121.pt")
+    model = create_model("densenet121", 20, pretrained=str(tmp_path / "xrv-densenet121.pt"))
+    image = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        expected = grey.features.conv0(image)
+        assert torch.allclose(model.features.conv0(image.expand(1, 3, 64, 64)), expected, atol=1e-5)
+    kept = [k for k in features if k != "features.conv0.weight"]
+    assert all(torch.equal(model.state_dict()[k], features[k]) for k in kept)
+
+
 def test_weights_of_another_arch_are_refused(tmp_path):
     torch.save(create_model("resnet18", 20).state_dict(), tmp_path / "r18.pt")
     with pytest.raises(PrunecxrError, match="does not fit the architecture"):

@@ -56,7 +56,7 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
 
 @pytest.mark.parametrize("schema", [NIH, MIMIC], ids=lambda s: s.name)
 def test_labels_follow_the_real_long_tail(schema):
-    labels = sample_labels(schema, 40_000, 5, np.random.default_rng(0))
+    labels = sample_labels(schema, train_prevalence(schema), 40_000, 5, np.random.default_rng(0))
     counts = labels.sum(axis=0)
     rho, _ = spearmanr(counts, train_prevalence(schema))
     assert rho > 0.95
@@ -67,14 +67,14 @@ def test_labels_follow_the_real_long_tail(schema):
 
 
 def test_findings_co_occur():
-    labels = sample_labels(NIH, 40_000, 5, np.random.default_rng(0))
+    labels = sample_labels(NIH, train_prevalence(NIH), 40_000, 5, np.random.default_rng(0))
     emphysema = labels[:, NIH.classes.index("Emphysema")] == 1
     subcutaneous = labels[:, NIH.classes.index("Subcutaneous Emphysema")] == 1
     assert subcutaneous[emphysema].mean() > 3 * subcutaneous.mean()
 
 
 def test_every_class_has_positives_in_small_splits():
-    labels = sample_labels(NIH, 200, 5, np.random.default_rng(0))
+    labels = sample_labels(NIH, train_prevalence(NIH), 200, 5, np.random.default_rng(0))
     assert (labels.sum(axis=0) >= 5).all()
 
 
@@ -100,9 +100,9 @@ def test_an_image_folder_is_never_overwritten(tmp_path):
 def test_every_finding_has_a_sign_of_its_own_subtler_when_rarer():
     """No look-alikes (a common sign's shape and polarity a little apart): rare classes are rare,
     not hidden. Rarer findings have smaller and fainter signs, within +-10 % of SIGN_CONTRAST."""
-    from prunecxr.data.synthetic import NO_FINDING, SIGN_CONTRAST, create_signs
+    from prunecxr.data.synthetic import SIGN_CONTRAST, create_signs
 
-    by_name = create_signs(NIH, np.random.default_rng(0))
+    by_name = create_signs(NIH, train_prevalence(NIH), np.random.default_rng(0))
     signs = list(by_name.values())
     assert len(signs) == len(NIH.classes) - 1
     for i, a in enumerate(signs):
@@ -116,7 +116,7 @@ def test_every_finding_has_a_sign_of_its_own_subtler_when_rarer():
     contrasts = [abs(by_name[name].contrast) for name in commonest_first]
     assert radii == sorted(radii, reverse=True) and radii[0] > radii[-1]
     assert contrasts == sorted(contrasts, reverse=True) and contrasts[0] > contrasts[-1]
-    assert NO_FINDING not in by_name
+    assert "No Finding" not in by_name
 
 
 def test_the_demo_reuses_its_data_and_refuses_another_seeds_or_an_older_recipe(tmp_path):

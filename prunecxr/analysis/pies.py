@@ -7,8 +7,8 @@ al. 2023, §3.3).
    code: `np.argsort(corrs)[:int(0.05 * N)]`). An image whose correlation is undefined
    (constant predictions) is listed apart, never counted as a PIE.
 4. Who they are: per class, the fraction of PIEs with that label over the fraction of other
-   images with it; and the same ratio per number of findings (0, 1, 2, 3, 4+; No Finding is not
-   a finding).
+   images with it; and the same ratio per number of findings (0, 1, 2, 3, 4+; the dataset's
+   normal class, as No Finding, is not a finding).
 """
 
 from __future__ import annotations
@@ -60,9 +60,12 @@ def class_ratios(labels: np.ndarray, is_pie: np.ndarray, classes) -> pd.DataFram
     )
 
 
-def disease_count_ratios(labels: np.ndarray, is_pie: np.ndarray, classes) -> pd.DataFrame:
-    """Per number of findings (0..3, 4+): share among PIEs / share among non-PIEs."""
-    findings = [c for c, name in enumerate(classes) if name != "No Finding"]
+def disease_count_ratios(
+    labels: np.ndarray, is_pie: np.ndarray, classes, normal_class: str | None = None
+) -> pd.DataFrame:
+    """Per number of findings (0..3, 4+): share among PIEs / share among non-PIEs; every class
+    but `normal_class` is a finding."""
+    findings = [c for c, name in enumerate(classes) if name != normal_class]
     counts = np.minimum(labels[:, findings].sum(axis=1), 4).astype(int)
     rows = []
     for n, name in enumerate(DISEASE_BINS):

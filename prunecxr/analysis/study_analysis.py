@@ -166,7 +166,7 @@ def _pies(result: Analysis, preds, method: str, load_image) -> None:
     is_pie[found.row[found.is_pie]] = True
     classes = preds.schema.classes
     ratios = pies.class_ratios(preds.labels, is_pie, classes)
-    counts = pies.disease_count_ratios(preds.labels, is_pie, classes)
+    counts = pies.disease_count_ratios(preds.labels, is_pie, classes, preds.schema.normal_class)
     result.tables.update(
         {
             "tables/pies.csv": found[found.is_pie][["row", "image", "corr"]],

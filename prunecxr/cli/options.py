@@ -13,11 +13,13 @@ import click
 import numpy as np
 
 from prunecxr import PrunecxrError
+from prunecxr.data.schemas import BUILTIN, get_schema, is_card_path
 from prunecxr.data.synthetic import read_marker
 from prunecxr.executor import Executor
 from prunecxr.pruning import METHODS
 from prunecxr.specs import (
     ABSOLUTE,
+    CARD,
     CellSettings,
     DataSpec,
     ExecutionSpec,
@@ -60,6 +62,8 @@ def options(cls, *names: str):
 def _click_type(annotation: str, meta):
     if meta["choices"]:
         return click.Choice(meta["choices"])
+    if meta["path"] == CARD:
+        return DATASET
     if meta["path"]:
         return click.Path(file_okay=False, resolve_path=meta["path"] == ABSOLUTE, path_type=Path)
     low = meta["minimum"] if meta["above"] is None else meta["above"]
@@ -72,6 +76,25 @@ def _click_type(annotation: str, meta):
     return str
 
 
+class _Dataset(click.ParamType):
+    """A built-in dataset's name, or a dataset card's path: read and checked, made absolute."""
+
+    name = "|".join(BUILTIN) + "|CARD"
+
+    def convert(self, value, param, ctx):
+        value = str(value)
+        if not is_card_path(value):
+            if value not in BUILTIN:
+                self.fail(f"{value!r} is not one of {', '.join(BUILTIN)} nor a .yaml/.json card")
+            return value
+        try:
+            get_schema(value)
+        except PrunecxrError as error:
+            self.fail(str(error), param, ctx)
+        return str(Path(value).resolve())
+
+
+DATASET = _Dataset()
 POSITIVE = click.IntRange(min=1)
 data_options = options(DataSpec)
 model_options = options(ModelSpec, "arch", "pretrained")

@@ -48,6 +48,19 @@ def _typed_train_settings(values: dict) -> dict:
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False, resolve_path=True, path_type=Path)
 )
+@click.option(
+    "--classes",
+    type=click.IntRange(min=2),
+    help="Instead of --dataset: a long-tailed set of K classes of its own, its card written to "
+    "OUT/dataset.yaml.",
+)
+@click.option(
+    "--zipf",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="The long tail of --classes or of a card: the i-th class's prevalence ∝ i^-S.",
+)
 @click.option("--n-train", type=POSITIVE, default=4000, show_default=True)
 @click.option("--n-val", type=POSITIVE, default=500, show_default=True)
 @click.option("--n-test", type=POSITIVE, default=1000, show_default=True)
@@ -62,14 +75,19 @@ def _typed_train_settings(values: dict) -> dict:
 @click.option(
     "--overwrite", is_flag=True, help="Replace files synth would write that --out already holds."
 )
-def synth(dataset, out, n_train, n_val, n_test, size, seed, overwrite) -> None:
-    """Write a synthetic dataset in the real dataset's file format (label CSVs + images)."""
+def synth(dataset, out, classes, zipf, n_train, n_val, n_test, size, seed, overwrite) -> None:
+    """Write a synthetic dataset in a dataset's file format (label CSVs + images): a built-in
+    dataset's, a card's, or with --classes a generic one described by the card it writes."""
     from prunecxr.data import get_schema
-    from prunecxr.data.synthetic import write_synthetic
+    from prunecxr.data.synthetic import write_synthetic, zipf_card
 
+    if classes is not None:
+        if given_on_command_line({"dataset": dataset}):
+            raise PrunecxrError("give --classes or --dataset, not both")
+        dataset = str(zipf_card(out, classes, overwrite))
     sizes = {"train": n_train, "val": n_val, "test": n_test}
     summary = write_synthetic(
-        get_schema(dataset), out, sizes, image_size=size, seed=seed, overwrite=overwrite
+        get_schema(dataset), out, sizes, image_size=size, seed=seed, overwrite=overwrite, zipf=zipf
     )
     counts = summary["splits"]["train"]
     click.echo(

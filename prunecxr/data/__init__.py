@@ -47,7 +47,7 @@ def load_split(
     table = read_labels(schema, label_dir, split)
     image_ids, labels = table.image_ids, table.labels
     load = dict(cache_dir=cache_dir, num_workers=num_workers, preprocess=preprocess)
-    paths = [Path(data_dir) / image_id for image_id in image_ids]
+    paths = [Path(data_dir) / schema.image_root / image_id for image_id in image_ids]
     try:
         images = load_images(table.path, paths, image_size, **load)
         return SplitData(image_ids, images, labels)

@@ -1,4 +1,5 @@
-"""Reading the original study's label CSVs: one row per image, an image column and 0/1 class columns."""
+"""Reading label CSVs as a dataset's card describes them: one row per image, an image column and
+0/1 class columns (cell text mapped to 0/1 first where the card says so)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from prunecxr import PrunecxrError
-from prunecxr.data.schemas import DatasetSchema
+from prunecxr.data.schemas import SPLITS, DatasetSchema, cell_text
 
 
 @dataclass(frozen=True)
@@ -22,11 +23,16 @@ class LabelTable:
 
 
 def read_labels(schema: DatasetSchema, label_dir: Path, split: str) -> LabelTable:
-    """Read `miccai2023_<dataset>_labels_<split>.csv`, selecting the class columns by name so
-    extra columns (subj_id, subject_id, study_id, ...) and column order do not matter."""
+    """Read the split's label file (`miccai2023_<dataset>_labels_<split>.csv` for the study's
+    datasets), selecting the class columns by name so extra columns (subj_id, subject_id,
+    study_id, ...) and column order do not matter. A card naming a patient column is refused
+    when a patient is in two splits."""
+    schema = schema.with_classes_from(label_dir)
     path = Path(label_dir) / schema.label_file(split)
     if not path.is_file():
         raise PrunecxrError(f"label file not found: {path}")
+    if schema.patient_column:
+        check_patients(schema, Path(label_dir))
     frame = pd.read_csv(path)
     wanted = [schema.image_column, *schema.classes]
     missing = [column for column in wanted if column not in frame.columns]
@@ -35,6 +41,9 @@ def read_labels(schema: DatasetSchema, label_dir: Path, split: str) -> LabelTabl
     if frame.empty:
         raise PrunecxrError(f"{path}: no rows")
     labels = frame[list(schema.classes)]
+    if schema.label_values:
+        mapping = dict(schema.label_values)
+        labels = labels.apply(lambda column: column.map(lambda c: mapping.get(cell_text(c), c)))
     _check_binary(path, labels)
     labels = labels.apply(pd.to_numeric)
     image_ids = frame[schema.image_column]
@@ -77,3 +86,21 @@ def _check_binary(path: Path, labels: pd.DataFrame) -> None:
             f"{path}: line {row + 2}, column {labels.columns[col]!r}: "
             f"label {getattr(value, 'item', lambda: value)()!r} is not 0 or 1"
         )
+
+
+def check_patients(schema: DatasetSchema, label_dir: Path) -> None:
+    """No patient in two splits (their images would leak from training into testing)."""
+    column, seen = schema.patient_column, {}
+    for split in SPLITS:
+        path = label_dir / schema.label_file(split)
+        if not path.is_file():
+            continue
+        frame = pd.read_csv(path, usecols=lambda name: name == column, dtype=str)
+        if column not in frame.columns:
+            raise PrunecxrError(f"{path}: missing column {column!r} (card {schema.card})")
+        for patient in frame[column].dropna().unique():
+            if seen.setdefault(patient, split) != split:
+                raise PrunecxrError(
+                    f"{path}: patient {patient!r} ({column}) is also in the "
+                    f"{seen[patient]} split; a patient's images belong to one split"
+                )

@@ -1,8 +1,11 @@
-"""Synthetic NIH-CXR-LT / MIMIC-CXR-LT look-alikes, written in the real datasets' file formats.
+"""Synthetic NIH-CXR-LT / MIMIC-CXR-LT look-alikes, written in the real datasets' file formats,
+and long-tailed sets in any dataset card's format (a card of K classes of their own included).
 
 1. Labels: class prevalences follow the real training set's long tail (class_frequencies.csv,
-   read from the authors' poster); "No Finding" excludes every other label; findings co-occur
-   through shared latent factors (Gaussian copula), e.g. Emphysema with Subcutaneous Emphysema.
+   read from the authors' poster), or for any other card a Zipf law (prevalence of the i-th
+   class ∝ i^-s); the card's normal class ("No Finding") excludes every other label; findings
+   co-occur through shared latent factors (Gaussian copula), e.g. Emphysema with Subcutaneous
+   Emphysema.
 2. Images: a noisy chest-like background with finding-like distractor blobs; each finding adds
    its own visual sign (shape, place, polarity; every shape of a similar area), varying
    per image. Rarer findings are subtler, as in real radiographs: smaller and fainter, within
@@ -21,15 +24,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from PIL import Image
 from scipy.stats import norm
 from tqdm import tqdm
 
 from prunecxr import PrunecxrError
-from prunecxr.data.schemas import SPLITS, DatasetSchema
+from prunecxr.data.schemas import BUILTIN, SPLITS, DatasetSchema, cell_text
 
 MARKER_FILE = "prunecxr-synthetic.json"
-NO_FINDING = "No Finding"
+CARD_FILE = "dataset.yaml"  # the card `synth --classes K` writes beside its data
+ZIPF_TOP = 0.3  # the commonest class's prevalence in a Zipf-law set
 # Approximate real training-set sizes: only the class ratios come from the frequency file, these
 # turn counts into prevalences (NIH: No Finding ~57 %, MIMIC: Support Devices ~37 %).
 REAL_TRAIN_SIZE = {"nih-cxr-lt": 78_000, "mimic-cxr-lt": 200_000}
@@ -68,21 +73,26 @@ class Sign:
     contrast: float  # signed: bright or dark sign
 
 
-def train_prevalence(schema: DatasetSchema) -> np.ndarray:
-    """(C,) prevalence of each class in the real training set, in the schema's class order."""
+def train_prevalence(schema: DatasetSchema, zipf: float = 1.0) -> np.ndarray:
+    """(C,) prevalence of each class in the real training set, in the schema's class order (a
+    built-in dataset), else ZIPF_TOP x i^-zipf for the i-th class of the card."""
+    if schema.name not in BUILTIN or schema.card:
+        return ZIPF_TOP * np.arange(1, schema.num_classes + 1, dtype=float) ** -zipf
     with resources.files("prunecxr.data").joinpath("class_frequencies.csv").open() as file:
         table = pd.read_csv(file)
     counts = table[table.dataset == schema.name].set_index("class")["train_count"]
     return counts.loc[list(schema.classes)].to_numpy(float) / REAL_TRAIN_SIZE[schema.name]
 
 
-def create_signs(schema: DatasetSchema, rng: np.random.Generator) -> dict[str, Sign]:
+def create_signs(
+    schema: DatasetSchema, prevalence: np.ndarray, rng: np.random.Generator
+) -> dict[str, Sign]:
     """One sign per finding: a shape (cycling through SHAPES in order of frequency), a place and a
     polarity of its own; rarer findings are subtler, as in real radiographs: the size falls from
     0.12 to 0.08 and the contrast from 1.1 to 0.9 x SIGN_CONTRAST with the frequency rank."""
-    findings = [name for name in schema.classes if name != NO_FINDING]
+    findings = [name for name in schema.classes if name != schema.normal_class]
     by_frequency = np.argsort(
-        -train_prevalence(schema)[[schema.classes.index(f) for f in findings]], kind="stable"
+        -prevalence[[schema.classes.index(f) for f in findings]], kind="stable"
     )
     signs: dict[str, Sign] = {}
     for rank, index in enumerate(by_frequency):
@@ -97,11 +107,19 @@ def create_signs(schema: DatasetSchema, rng: np.random.Generator) -> dict[str, S
     return signs
 
 
-def sample_labels(schema: DatasetSchema, n: int, min_positives: int, rng: np.random.Generator):
-    """(n, C) 0/1 labels with the real prevalences, co-occurrence and an exclusive No Finding."""
-    prevalence = train_prevalence(schema)
+def sample_labels(
+    schema: DatasetSchema,
+    prevalence: np.ndarray,
+    n: int,
+    min_positives: int,
+    rng: np.random.Generator,
+):
+    """(n, C) 0/1 labels with `prevalence`, co-occurrence and an exclusive normal class (where
+    the card names one: every other image has a finding; else an image may have none)."""
     classes = list(schema.classes)
-    nf = classes.index(NO_FINDING)
+    if schema.normal_class is None:
+        return _sample_findings(classes, prevalence, n, min_positives, rng)
+    nf = classes.index(schema.normal_class)
     abnormal = rng.random(n) >= prevalence[nf]
     # 1. Latent scores: own noise + one factor per co-occurring pair + a shared "how sick" factor.
     pairs = [
@@ -126,6 +144,20 @@ def sample_labels(schema: DatasetSchema, n: int, min_positives: int, rng: np.ran
     labels[np.flatnonzero(empty), margin[empty].argmax(axis=1)] = True
     labels[:, nf] = ~abnormal
     _ensure_min_positives(labels, nf, min_positives, rng)
+    return labels.astype(np.int64)
+
+
+def _sample_findings(classes, prevalence, n: int, min_positives: int, rng) -> np.ndarray:
+    """Labels of a dataset without a normal class: each class at its prevalence, through one
+    shared factor (findings co-occur), an image with none allowed."""
+    latent = rng.standard_normal((n, len(classes))) + 0.6 * rng.standard_normal((n, 1))
+    latent /= latent.std(axis=0, keepdims=True)
+    labels = latent > norm.ppf(1 - np.clip(prevalence, 1e-6, 0.9))
+    for c in range(len(classes)):
+        short = min_positives - int(labels[:, c].sum())
+        if short > 0:
+            negatives = np.flatnonzero(~labels[:, c])
+            labels[rng.choice(negatives, size=min(short, len(negatives)), replace=False), c] = True
     return labels.astype(np.int64)
 
 
@@ -196,10 +228,16 @@ def write_synthetic(
     seed: int = 0,
     overwrite: bool = False,
     min_positives: dict[str, int] = MIN_POSITIVES,
+    zipf: float = 1.0,
 ) -> dict:
-    """Write label CSVs and images for each split into `out_dir`; returns the marker's summary.
-    `min_positives`: the fewest positives of every class per split."""
+    """Write label CSVs and images for each split into `out_dir` in the card's format; returns
+    the marker's summary. `min_positives`: the fewest positives of every class per split;
+    `zipf`: the long tail's exponent for a card that is not a built-in dataset."""
     out_dir = Path(out_dir)
+    if not schema.classes:
+        raise PrunecxrError(
+            f"{schema.card}: synth needs the card's classes listed (field 'classes')"
+        )
     existing = [path for path in planned_files(schema, out_dir, split_sizes) if path.exists()]
     if existing and not overwrite:
         raise PrunecxrError(
@@ -208,7 +246,8 @@ def write_synthetic(
             f"to replace them"
         )
     rng = np.random.default_rng(seed)
-    signs = create_signs(schema, rng)
+    prevalence = train_prevalence(schema, zipf)
+    signs = create_signs(schema, prevalence, rng)
     summary = {
         "dataset": schema.name,
         "seed": seed,
@@ -219,14 +258,36 @@ def write_synthetic(
     }
     first_subject = 0
     for split in SPLITS:
-        labels = sample_labels(schema, split_sizes[split], min_positives[split], rng)
-        frame = _label_frame(schema, labels, first_subject)
+        labels = sample_labels(schema, prevalence, split_sizes[split], min_positives[split], rng)
+        frame = _label_frame(schema, labels, first_subject, rng)
         first_subject += len(frame)
         _write_images(schema, out_dir, frame, labels, signs, image_size, rng)
-        frame.to_csv(out_dir / schema.label_file(split), index=False)
+        label_file = out_dir / schema.label_file(split)
+        label_file.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(label_file, index=False)
         summary["splits"][split] = dict(zip(schema.classes, map(int, labels.sum(axis=0))))
     (out_dir / MARKER_FILE).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def zipf_card(out_dir: Path, classes: int, overwrite: bool = False) -> Path:
+    """Write the card of a generic set of `classes` classes (class_01, ...) into `out_dir`:
+    label files train.csv, val.csv, test.csv; images/<patient>.png; a patient column."""
+    path = Path(out_dir) / CARD_FILE
+    if path.exists() and not overwrite:
+        raise PrunecxrError(f"{path} exists; pick an empty folder, or pass --overwrite")
+    width = len(str(classes))
+    card = {
+        "name": f"synth-{classes}",
+        "label_files": {split: f"{split}.csv" for split in SPLITS},
+        "image_column": "image",
+        "image_root": "images",
+        "patient_column": "patient",
+        "classes": [f"class_{i:0{width}d}" for i in range(1, classes + 1)],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(card, sort_keys=False))
+    return path
 
 
 def planned_files(schema: DatasetSchema, out_dir: Path, split_sizes: dict[str, int]) -> list[Path]:
@@ -235,30 +296,59 @@ def planned_files(schema: DatasetSchema, out_dir: Path, split_sizes: dict[str, i
     first_subject = 0
     for split in SPLITS:
         ids = _id_columns(schema, np.arange(first_subject, first_subject + split_sizes[split]))
-        files += [out_dir / image_id for image_id in ids[schema.image_column]]
+        files += [out_dir / schema.image_root / image_id for image_id in ids[schema.image_column]]
         first_subject += split_sizes[split]
     return files
 
 
-def _label_frame(schema: DatasetSchema, labels: np.ndarray, first_subject: int) -> pd.DataFrame:
+def _label_frame(
+    schema: DatasetSchema, labels: np.ndarray, first_subject: int, rng
+) -> pd.DataFrame:
     ids = _id_columns(schema, np.arange(first_subject, first_subject + len(labels)))
-    return pd.concat(
-        [pd.DataFrame(ids), pd.DataFrame(labels, columns=list(schema.classes))], axis=1
-    )
+    cells = pd.DataFrame(labels, columns=list(schema.classes))
+    if schema.label_values:  # the card's own spellings of 0 and 1 (e.g. CheXpert's -1 and blank)
+        cells = _spelled(cells, dict(schema.label_values), rng)
+    return pd.concat([pd.DataFrame(ids), cells], axis=1)
+
+
+def _spelled(cells: pd.DataFrame, values: dict[str, float], rng) -> pd.DataFrame:
+    """About a quarter of the 0s and 1s written as the card's other texts for them."""
+    numbers = cells.to_numpy()
+    spelled = numbers.astype(object)
+    for value in (0, 1):
+        texts = [text for text, meaning in values.items() if meaning == value]
+        texts = [text for text in texts if text != cell_text(value)]
+        if texts:
+            where = (numbers == value) & (rng.random(numbers.shape) < 0.25)
+            spelled[where] = rng.choice(texts, size=int(where.sum()))
+    return pd.DataFrame(spelled, columns=cells.columns)
 
 
 def _id_columns(schema: DatasetSchema, subjects: np.ndarray) -> dict[str, list]:
-    if schema.image_column == "id":  # NIH: <patient>_<follow-up>.png in the data dir
+    if schema.name == "nih-cxr-lt" and not schema.card:  # <patient>_<follow-up>.png
         return {"id": [f"{s:08d}_000.png" for s in subjects], "subj_id": subjects}
-    # MIMIC: files/p1X/p1XXXXXXX/sYYYYYYYY/<dicom_id>.jpg
-    subject_ids = 10_000_000 + subjects
-    study_ids = 50_000_000 + subjects
-    dicom_ids = [f"{s:08x}-synthetic" for s in subjects]
-    paths = [
-        f"files/p{s // 1_000_000}/p{s}/s{t}/{d}.jpg"
-        for s, t, d in zip(subject_ids, study_ids, dicom_ids)
-    ]
-    return {"dicom_id": dicom_ids, "subject_id": subject_ids, "study_id": study_ids, "path": paths}
+    if schema.name == "mimic-cxr-lt" and not schema.card:  # files/p1X/p1XXXXXXX/sYYYYYYYY/<id>.jpg
+        subject_ids = 10_000_000 + subjects
+        study_ids = 50_000_000 + subjects
+        dicom_ids = [f"{s:08x}-synthetic" for s in subjects]
+        paths = [
+            f"files/p{s // 1_000_000}/p{s}/s{t}/{d}.jpg"
+            for s, t, d in zip(subject_ids, study_ids, dicom_ids)
+        ]
+        return {
+            "dicom_id": dicom_ids,
+            "subject_id": subject_ids,
+            "study_id": study_ids,
+            "path": paths,
+        }
+    # any other card: patient<N>/study1/view1_frontal<suffix>, as CheXpert names its images
+    patients = [f"patient{s:05d}" for s in subjects]
+    columns = {
+        schema.image_column: [f"{p}/study1/view1_frontal{schema.image_suffix}" for p in patients]
+    }
+    if schema.patient_column:
+        columns[schema.patient_column] = patients
+    return columns
 
 
 def _write_images(schema, out_dir, frame, labels, signs, image_size, rng) -> None:
@@ -269,8 +359,8 @@ def _write_images(schema, out_dir, frame, labels, signs, image_size, rng) -> Non
         desc=f"writing {schema.name} images",
         unit="img",
     ):
-        findings = [signs[names[c]] for c in np.flatnonzero(row) if names[c] != NO_FINDING]
-        path = out_dir / image_id
+        findings = [signs[names[c]] for c in np.flatnonzero(row) if names[c] != schema.normal_class]
+        path = out_dir / schema.image_root / image_id
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(render_image(findings, image_size, rng)).save(path)
 

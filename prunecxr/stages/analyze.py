@@ -62,7 +62,7 @@ def analyze_sweep(
         )
     # The source gives the data, the labels and the unpruned weights (histogram).
     source = source_of_cell(cells[0][1], allow_pickle=allow_pickle)
-    schema = get_schema(source.data.dataset)
+    schema = source.data.schema()
     train_labels = read_labels(schema, Path(source.data.label_dir), "train").labels
     preds = from_prediction_frames(schema, frames, train_labels)
     _check_complete(preds)
@@ -106,7 +106,7 @@ def analyze_published(
     published: PublishedPredictions, *, allow_pickle: bool, cooccurrence_mode: str = "paper"
 ) -> str:
     """Analyze the original study's published prediction files."""
-    schema = get_schema(published.dataset)
+    schema = get_schema(published.dataset, published.label_dir)
     preds = read_published_predictions(
         schema, published.preds_dir, allow_pickle=allow_pickle, method=published.method
     )

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from prunecxr import PrunecxrError, tracking
 from prunecxr.cells import Cell, CellResult, ModelSource, SourceCells, test_split
-from prunecxr.data import SplitData, get_schema
+from prunecxr.data import SplitData
 from prunecxr.device_data import DeviceImages
 from prunecxr.evaluate import example_input, per_class_metrics, predictions_frame, summarize
 from prunecxr.executor import Executor, Failure, WorkerContext, check_readable, retry_failed
@@ -65,19 +65,19 @@ class CellRuns:
 
     def log(self, cell: Cell, test: SplitData, runtime: Runtime, result: CellResult, parent):
         """One prune run with the cell's params, metrics, per-class table and predictions."""
-        classes = get_schema(cell.source.data.dataset).classes
+        schema = cell.source.data.schema()
         ownership.ensure_mine(parent)  # a sweep taken over gets no more cells from here
         with open_stage(self.stage(cell, parent)) as run_id:
             tracking.log_resolved(runtime.describe())
             data = cell.source.data
-            label_file = Path(data.label_dir) / get_schema(data.dataset).label_file("test")
-            tracking.log_label_file(label_file, data.dataset, "test")
-            metrics = per_class_metrics(result.probs, test.labels, classes)
+            label_file = Path(data.label_dir) / schema.label_file("test")
+            tracking.log_label_file(label_file, schema.name, "test")
+            metrics = per_class_metrics(result.probs, test.labels, schema.classes)
             tracking.log_metrics({**summarize(metrics, "test"), **result.measures})
             tracking.set_tags({SPEED_TAG: result.speed_of})
             tracking.log_table(metrics, "per_class_metrics.csv")
             tracking.log_table(
-                predictions_frame(test.image_ids, result.probs, test.labels, classes),
+                predictions_frame(test.image_ids, result.probs, test.labels, schema.classes),
                 "predictions.parquet",
             )
             if result.model is not None:

@@ -57,7 +57,8 @@ def export_study(request: Export) -> str:
     """Write the reader folders and key.csv under request.out; -> the export run's id."""
     study.check_out(request.out, request.overwrite)
     dataset, data_dir, label_dir = _data_of(request)
-    schema = get_schema(dataset)
+    schema = get_schema(dataset, label_dir)
+    data_dir = Path(data_dir) / schema.image_root
     test = read_labels(schema, label_dir, "test")
     pies, others = _pools(request.analyze_run_id, test)
     key = study.select_images(pies, others, request.per_reader, request.readers, request.seed)

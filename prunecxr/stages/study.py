@@ -136,7 +136,9 @@ def run_study(
         "methods": ",".join(config.methods),
         "protocol": train.optim.protocol,
     }
-    stage = Stage("study", f"study-{train.data.dataset}", key=study_key(config), params=params)
+    stage = Stage(
+        "study", f"study-{train.data.schema().name}", key=study_key(config), params=params
+    )
     return run_stage(stage, lambda study_id, _: _study(study_id, config, executor, allow_pickle))
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from prunecxr import PrunecxrError, distributed, tracking
-from prunecxr.data import SplitData, get_schema
+from prunecxr.data import SplitData
 from prunecxr.device_data import DeviceImages
 from prunecxr.evaluate import example_input, predictions_frame, summarize
 from prunecxr.executor import Executor, WorkerContext, check_readable
@@ -145,7 +145,7 @@ def run_distributed_training(config: TrainConfig) -> str | None:
         if distributed.rank() == 0:
             return run_training(config)
         runtime = runtime_of(config.runtime, protocol=config.optim.protocol)
-        state = create_state(config, get_schema(config.data.dataset).num_classes, runtime)
+        state = create_state(config, config.data.schema().num_classes, runtime)
         fit(state, config, open_splits(config.data), runtime, on_epoch_end=lambda state: None)
         return None
 
@@ -156,7 +156,7 @@ def _train(
     run_id: str | None,
     parent_run_id: str | None = None,
 ) -> str:
-    num_classes = get_schema(config.data.dataset).num_classes
+    num_classes = config.data.schema().num_classes
     runtime = runtime_of(config.runtime, protocol=config.optim.protocol)
     # Bad labels or images: an error before a new run is created (a resumed one is claimed).
     splits = open_splits(config.data)
@@ -186,7 +186,7 @@ def _train(
 def _log_inputs(config: TrainConfig, runtime: Runtime, splits: dict[str, SplitData]) -> None:
     """What a new train run resolved and read: the runtime, the label files, skipped images."""
     tracking.log_resolved(runtime.describe())
-    schema = get_schema(config.data.dataset)
+    schema = config.data.schema()
     for split in splits:
         path = Path(config.data.label_dir) / schema.label_file(split)
         tracking.log_label_file(path, schema.name, split)
@@ -206,7 +206,7 @@ def resume_note(checkpoint: dict, config: TrainConfig, runtime: Runtime) -> str:
 
 def _log_final(state: TrainState, config: TrainConfig, test: SplitData, runtime) -> None:
     """Best weights -> test metrics, predictions, history and the model."""
-    classes = get_schema(config.data.dataset).classes
+    classes = config.data.schema().classes
     state.model.load_state_dict(state.best_weights)
     _, metrics, probs = evaluate_split(
         state.model, DeviceImages.of(test, runtime), classes, runtime, config.optim.batch_size
