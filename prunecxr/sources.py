@@ -15,7 +15,7 @@ from prunecxr import PrunecxrError, tracking
 from prunecxr.cells import ModelSource
 from prunecxr.data import get_schema
 from prunecxr.data.cache import DEFAULT_CACHE_DIR
-from prunecxr.models import create_model, load_state_file, model_from_weights
+from prunecxr.models import ARCHS, create_model, load_state_file, model_from_weights
 from prunecxr.specs import DataSpec
 
 CHECKPOINT_PRETRAINED = "checkpoint"  # the `pretrained` param of a checkpoint file's cells
@@ -59,9 +59,15 @@ def _run_source(uri: str, cache_dir: str | None, allow_pickle: bool) -> ModelSou
 
 
 def rebuild_model(settings: dict[str, str], state: dict) -> nn.Module:
-    """The model a run logged: its `arch` for its `dataset`, given the weights `state`."""
-    label_dir = settings.get("label_dir") or settings.get("data_dir") or None
-    num_classes = get_schema(settings["dataset"], label_dir).num_classes
+    """The model a run logged: its `arch` with as many outputs as the weights' classifier (so
+    that neither a dataset's card nor its label files are needed), given the weights `state`."""
+    arch = settings["arch"]
+    head = state.get(f"{ARCHS[arch].head}.weight") if arch in ARCHS else None
+    if head is not None:
+        num_classes = head.shape[0]
+    else:
+        label_dir = settings.get("label_dir") or settings.get("data_dir") or None
+        num_classes = get_schema(settings["dataset"], label_dir).num_classes
     image_size = int(settings.get("image_size", 224))
     return model_from_weights(settings["arch"], num_classes, state, image_size)
 

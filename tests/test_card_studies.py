@@ -56,6 +56,21 @@ def test_a_study_on_k_classes_of_their_own(classes, tmp_path, mlflow_store):
     analyze = runs[runs["tags.prunecxr.stage"] == "analyze"].run_id.item()
     artifacts = {a.path for a in MlflowClient().list_artifacts(analyze, "tables")}
     assert "tables/replication.csv" not in artifacts  # the paper published no such dataset
+    # The reader study finds the card and its images (under the card's image_root) again.
+    readers = tmp_path / "readers"
+    export = prunecxr(
+        "reader-study",
+        "export",
+        analyze,
+        "--out",
+        str(readers),
+        "--per-reader",
+        "2",
+        "--readers",
+        "1",
+    )
+    assert export.returncode == 0, export.stderr[-2000:]
+    assert len(list(readers.glob("reader-*/*.png"))) == 4
 
 
 def test_the_readme_s_chexpert_example(tmp_path, mlflow_store):

@@ -16,6 +16,8 @@ from prunecxr import PrunecxrError
 from prunecxr.data import get_schema, load_split
 from prunecxr.data.labels import read_labels
 from prunecxr.data.synthetic import write_synthetic, zipf_card
+from prunecxr.models import create_model, head_of
+from prunecxr.sources import rebuild_model
 from prunecxr.specs import TrainConfig, train_key
 from prunecxr.stages.study import demo_config, study_key
 
@@ -87,6 +89,8 @@ GOOD = {
         ({"classes": ["A", "a"]}, "classes"),
         ({"normal_class": "Normal"}, "normal_class"),
         ({"label_values": {"-1": 2}}, "label_values"),
+        ({"image_root": "../elsewhere"}, "image_root"),
+        ({"classes": ["image", "B"]}, "classes"),
     ],
 )
 def test_a_bad_card_is_one_line_naming_its_field(change, field, tmp_path):
@@ -104,6 +108,9 @@ def test_a_card_that_is_not_a_card(tmp_path):
         get_schema(str(card))
     card.write_text(yaml.safe_dump({**GOOD, "colour": "red"}))
     with pytest.raises(PrunecxrError, match="unknown field 'colour'"):
+        get_schema(str(card))
+    card.write_text(yaml.safe_dump(GOOD) + "label_values: {yes: 1, no: 0}\n")
+    with pytest.raises(PrunecxrError, match="'label_values': quote the cell text True"):
         get_schema(str(card))
     with pytest.raises(PrunecxrError, match="dataset card .*missing.yaml: No such file"):
         get_schema(str(tmp_path / "missing.yaml"))
@@ -139,6 +146,32 @@ def test_columns_values_and_patients_as_the_card_says(tmp_path):
         PrunecxrError, match=r"test.csv: patient 'p1' \(patient\) is also in the train"
     ):
         read_labels(schema, tmp_path, "val")
+
+
+def test_every_column_but_the_image_and_na_as_text(tmp_path):
+    """`all_columns_except: []`: every column but the image's is a class; a card mapping "NA"
+    reads it as text, not as pandas' missing value."""
+    card = tmp_path / "card.yaml"
+    values = {k: v for k, v in GOOD.items() if k != "classes"}
+    card.write_text(yaml.safe_dump({**values, "all_columns_except": []}))
+    for split in ("train", "val", "test"):
+        _labels(tmp_path, split, [{"image": f"{split}.png", "A": 1, "label_x": 0}])
+    with pytest.raises(
+        PrunecxrError, match="'all_columns_except': a class may not be named 'label_x'"
+    ):
+        get_schema(str(card), tmp_path)
+    for split in ("train", "val", "test"):
+        _labels(tmp_path, split, [{"image": f"{split}.png", "A": 1, "B": "NA"}])
+    assert get_schema(str(card), tmp_path).classes == ("A", "B")
+    card.write_text(yaml.safe_dump({**values, "all_columns_except": [], "label_values": {"NA": 0}}))
+    assert read_labels(get_schema(str(card)), tmp_path, "test").labels.tolist() == [[1, 0]]
+
+
+def test_a_logged_model_rebuilds_without_its_card(tmp_path):
+    """The classes are counted from the weights: a card moved or gone does not matter."""
+    state = create_model("resnet18", 7).state_dict()
+    settings = {"arch": "resnet18", "dataset": str(tmp_path / "gone.yaml"), "image_size": "32"}
+    assert head_of(rebuild_model(settings, state)).out_features == 7
 
 
 def test_synth_writes_a_card_s_layout_that_reads_back(tmp_path):

@@ -16,7 +16,7 @@ from prunecxr import PrunecxrError
 from prunecxr.data import DatasetSchema, class_slug
 
 PRED_FILE = re.compile(
-    r"(?P<dataset>[a-z-]+)_resnet50_seed-(?P<seed>\d+)_prune-(?P<k>[0-9.]+)\.pkl"
+    r"(?P<dataset>[a-z0-9][a-z0-9._-]*)_resnet50_seed-(?P<seed>\d+)_prune-(?P<k>[0-9.]+)\.pkl"
 )
 
 

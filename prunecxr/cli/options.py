@@ -85,7 +85,8 @@ class _Dataset(click.ParamType):
         value = str(value)
         if not is_card_path(value):
             if value not in BUILTIN:
-                self.fail(f"{value!r} is not one of {', '.join(BUILTIN)} nor a .yaml/.json card")
+                message = f"{value!r} is not one of {', '.join(BUILTIN)} nor a .yaml/.json card"
+                self.fail(message, param, ctx)
             return value
         try:
             get_schema(value)

@@ -33,7 +33,9 @@ def read_labels(schema: DatasetSchema, label_dir: Path, split: str) -> LabelTabl
         raise PrunecxrError(f"label file not found: {path}")
     if schema.patient_column:
         check_patients(schema, Path(label_dir))
-    frame = pd.read_csv(path)
+    # Cells the card names (e.g. "NA") stay text; only an empty cell is missing.
+    text = dict(keep_default_na=False, na_values=[""]) if schema.label_values else {}
+    frame = pd.read_csv(path, **text)
     wanted = [schema.image_column, *schema.classes]
     missing = [column for column in wanted if column not in frame.columns]
     if missing:

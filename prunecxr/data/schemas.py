@@ -6,6 +6,7 @@ path of any other card."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -63,17 +64,19 @@ class DatasetSchema:
 
     def with_classes_from(self, label_dir: Path) -> DatasetSchema:
         """A card giving `all_columns_except`: its classes read from the train file's header."""
-        if self.classes or not self.all_columns_except:
+        if self.classes:
             return self
         path = Path(label_dir) / self.label_file("train")
         if not path.is_file():
             raise PrunecxrError(f"label file not found: {path} (card {self.card}, label_files)")
         header = pd.read_csv(path, nrows=0).columns
         left_out = {self.image_column, self.patient_column, *self.all_columns_except}
-        classes = tuple(column for column in header if column not in left_out)
+        classes = [column for column in header if column not in left_out]
+        fail = functools.partial(_field_error, f"{self.card} (with {path})")
         if not classes:
-            raise PrunecxrError(f"{self.card}: all_columns_except leaves no class in {path}")
-        return dataclasses.replace(self, classes=classes)
+            raise fail("all_columns_except", "leaves no class column")
+        _check_classes(classes, self.normal_class, "all_columns_except", fail)
+        return dataclasses.replace(self, classes=tuple(classes))
 
 
 def is_card_path(dataset: str) -> bool:
@@ -127,10 +130,26 @@ def _card_bytes(path: Path) -> bytes:
         raise PrunecxrError(f"dataset card {path}: {error.strerror}") from None
 
 
-def _schema_from(values, card: str) -> DatasetSchema:
-    def fail(field: str, problem: str) -> PrunecxrError:
-        return PrunecxrError(f"{card}: field {field!r}: {problem} ({_FIELDS[field]})")
+def _field_error(card: str, field: str, problem: str) -> PrunecxrError:
+    return PrunecxrError(f"{card}: field {field!r}: {problem} ({_FIELDS[field]})")
 
+
+def _check_classes(classes: list[str], normal: str | None, field: str, fail) -> None:
+    """Class names that make distinct metric names and do not clash with the prediction
+    tables' own columns; the normal class among them."""
+    slugs = [class_slug(c) for c in classes]
+    if len(set(slugs)) != len(slugs):
+        repeated = next(c for c, slug in zip(classes, slugs) if slugs.count(slug) > 1)
+        raise fail(field, f"{repeated!r} is listed twice (or as another spelling)")
+    reserved = [c for c in classes if c == "image" or c.startswith("label_")]
+    if reserved:
+        raise fail(field, f"a class may not be named {reserved[0]!r} (a prediction table's column)")
+    if normal is not None and normal not in classes:
+        raise fail("normal_class", f"{normal!r} is not one of the classes")
+
+
+def _schema_from(values, card: str) -> DatasetSchema:
+    fail = functools.partial(_field_error, card)
     if not isinstance(values, dict):
         raise PrunecxrError(f"{card}: a card is a mapping of fields: {', '.join(_FIELDS)}")
     unknown = sorted(set(values) - set(_FIELDS))
@@ -152,13 +171,12 @@ def _schema_from(values, card: str) -> DatasetSchema:
     excluded = _text_list(values, "all_columns_except", fail)
     if bool(classes) == ("all_columns_except" in values):
         raise fail("classes", "give either classes or all_columns_except")
-    slugs = [class_slug(c) for c in classes]  # metric names must not collide
-    if len(set(slugs)) != len(slugs):
-        repeated = next(c for c, slug in zip(classes, slugs) if slugs.count(slug) > 1)
-        raise fail("classes", f"{repeated!r} is listed twice (or as another spelling)")
     normal = values.get("normal_class")
-    if normal is not None and classes and normal not in classes:
-        raise fail("normal_class", f"{normal!r} is not one of the classes")
+    if classes:
+        _check_classes(classes, normal, "classes", fail)
+    root = Path(values.get("image_root") or "")
+    if root.is_absolute() or ".." in root.parts:
+        raise fail("image_root", f"{str(root)!r} leaves --data-dir")
     return DatasetSchema(
         name=name,
         image_column=values["image_column"],
@@ -181,8 +199,13 @@ def _text_list(values: dict, field: str, fail) -> list[str]:
 
 
 def _label_values(mapping, fail) -> tuple[tuple[str, float], ...]:
-    if not isinstance(mapping, dict) or any(v not in (0, 1) for v in mapping.values()):
+    if not isinstance(mapping, dict) or any(
+        isinstance(v, bool) or v not in (0, 1) for v in mapping.values()
+    ):
         raise fail("label_values", f"{mapping!r} does not map cell text to 0 or 1")
+    unquoted = [key for key in mapping if isinstance(key, bool) or key is None]
+    if unquoted:  # YAML reads yes/no/on/off/null as booleans and None
+        raise fail("label_values", f"quote the cell text {unquoted[0]!r} (YAML read it as such)")
     return tuple((cell_text(key), float(value)) for key, value in mapping.items())
 
 

@@ -85,7 +85,7 @@ def analyze_sweep(
     }
     params = {
         "sweep_run_id": sweep_run_id,
-        "dataset": schema.name,
+        "dataset": source.data.dataset,  # a built-in's name or the card's path, as runs record it
         "cooccurrence": cooccurrence_mode,
     }
     return _log(analysis, analyze_stage(params), context)
@@ -120,7 +120,7 @@ def analyze_published(
     preds = SweepPredictions(schema, test.image_ids, preds.labels, train_labels, preds.probs)
     load_image = None
     if published.data_dir is not None:
-        images = Path(published.data_dir)
+        images = Path(published.data_dir) / schema.image_root
         load_image = lambda row: decode_image(images / test.image_ids[row], 256)  # noqa: E731
     folders = [published.label_dir, published.data_dir]
     analysis = analyze_predictions(
@@ -141,7 +141,7 @@ def analyze_published(
         "label_dir": str(published.label_dir),
         "data_dir": "" if published.data_dir is None else str(published.data_dir),
         "method": published.method,
-        "dataset": schema.name,
+        "dataset": published.dataset,
         "cooccurrence": cooccurrence_mode,
     }
     return _log(analysis, analyze_stage(params), context)

@@ -58,19 +58,19 @@ def export_study(request: Export) -> str:
     study.check_out(request.out, request.overwrite)
     dataset, data_dir, label_dir = _data_of(request)
     schema = get_schema(dataset, label_dir)
-    data_dir = Path(data_dir) / schema.image_root
+    images = Path(data_dir) / schema.image_root
     test = read_labels(schema, label_dir, "test")
     pies, others = _pools(request.analyze_run_id, test)
     key = study.select_images(pies, others, request.per_reader, request.readers, request.seed)
     key["analyze_run_id"] = request.analyze_run_id
-    study.check_images(key.image, data_dir)
+    study.check_images(key.image, images)
     findings = {
         image: study.findings_text(test.labels[row], schema.classes)
         for image, row in zip(key.image, key.row)
     }
     study.clear_out(request.out)
     for reader, part in tqdm(key.groupby("reader"), desc="writing reader folders", unit="reader"):
-        study.write_reader_folder(part, findings, data_dir, request.out / f"reader-{reader}")
+        study.write_reader_folder(part, findings, images, request.out / f"reader-{reader}")
     key.to_csv(request.out / KEY_FILE, index=False)
     return _log_export(request, key, (dataset, data_dir, label_dir), len(pies), len(others))
 
